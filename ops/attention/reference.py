@@ -1,0 +1,384 @@
+"""Pure-jnp attention: the dense specification and the block-sparse XLA path.
+
+Math (per batch ``b``, query head ``h`` with kv head ``g = h // (Hq / Hkv)``)::
+
+  x_ij = scale * <q_i, k_j>              scale defaults to 1 / sqrt(D)
+  s_ij = c * tanh(x_ij / c)              only with softcap = c (Gemma 2)
+  p_ij = exp(s_ij - lse_i) on allowed pairs (mask, segments, j < S), else 0
+  lse_i = log sum_{allowed j} exp(s_ij)
+  o_i  = sum_j p_ij v_j
+
+A query row with no allowed key has ``o_i = 0`` and ``lse_i = -inf`` (and
+zero gradients): defined output, never NaN.
+
+``attention_reference`` evaluates this densely (float64 when given float64
+inputs under ``jax.enable_x64``): the specification for the tests.
+``xla_forward``/``xla_backward`` are the XLA path of ``block_sparse_attention``:
+they visit only the kv blocks a ``BlockLayout`` lists, by gathering them
+(``[.., nq, bk, D]`` per list slot) and running FlashAttention-2's online
+softmax (Dao, 2023) in a ``lax.scan`` over the slots with float32 statistics,
+so the dense ``T x S`` score matrix is never formed; work and memory are
+O(T * max_blocks * bk) instead of O(T * S).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ops.attention import masks as masks_lib
+
+# Finite "minus infinity" for running maxima (as jax's flash attention).
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Static description of one block-sparse attention call (hashable).
+
+  Arrays reach the implementations padded: q ``[B, Tp, Hq, D]``, k/v
+  ``[B, Sp, Hkv, D]`` with ``Tp``/``Sp`` multiples of the block sizes;
+  ``seq_q``/``seq_kv`` are the real lengths.
+  """
+  mask_tree: Any          # treedef of the mask; its leaves travel as arrays
+  scale: float
+  softcap: float | None
+  block_q: int
+  block_kv: int
+  seq_q: int
+  seq_kv: int
+  num_heads: int
+  num_kv_heads: int
+  interpret: Any = None
+
+  @property
+  def rep(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  def mask(self, leaves) -> masks_lib.Mask:
+    return jax.tree_util.tree_unflatten(self.mask_tree, leaves)
+
+
+def logits(cfg: Config, q, k):
+  """``(s, dtanh)``: capped scores in float32 and ``ds/dx`` (None without softcap).
+
+  ``q [..., bq, D]``, ``k [..., bk, D]`` -> ``[..., bq, bk]``.
+  """
+  x = jnp.einsum("...id,...jd->...ij", q, k, preferred_element_type=jnp.float32)
+  return apply_softcap(x * cfg.scale, cfg.softcap)
+
+
+def apply_softcap(x, cap):
+  """``(cap * tanh(x / cap), 1 - tanh^2)``, or ``(x, None)`` without a cap."""
+  if cap is None:
+    return x, None
+  t = jnp.tanh(x / cap)
+  return cap * t, 1.0 - t * t
+
+
+def finalize(m, l, acc):
+  """``(o, lse)`` from online-softmax state; empty rows give ``(0, -inf)``."""
+  nonempty = l > 0
+  o = acc / jnp.where(nonempty, l, 1.0)
+  lse = jnp.where(nonempty, m + jnp.log(jnp.where(nonempty, l, 1.0)), -jnp.inf)
+  return o, lse
+
+
+def merge_partials(o, lse, axis: int):
+  """Merges partial attentions along ``axis`` (flash-decoding's LSE merge).
+
+  ``o [..., n, ..., D]`` and ``lse [..., n, ...]`` (float32, ``-inf`` for an
+  empty part) -> ``(o, lse)`` with ``axis`` reduced; all-empty gives (0, -inf).
+  """
+  m = jnp.max(lse, axis=axis, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  w = jnp.exp(lse - m)
+  l = jnp.sum(w, axis=axis)
+  o = jnp.sum(o * w[..., None], axis=axis) / jnp.where(l > 0, l, 1.0)[..., None]
+  lse = jnp.where(l > 0, jnp.squeeze(m, axis) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+  return o, lse
+
+
+# --------------------------------------------------------------------------
+# Dense specification
+
+
+def attention_reference(q, k, v, mask=None, *, segment_ids=None, scale=None, softcap=None,
+                        return_lse: bool = False):
+  """Dense attention with the equivalent dense mask (the specification).
+
+  Computes in ``promote(q.dtype, float32)``: float64 for float64 inputs under
+  ``jax.enable_x64``. Differentiable with ``jax.grad``.
+
+  Args:
+    q: ``[B, T, Hq, D]``.  k, v: ``[B, S, Hkv, D]``.
+    mask: an ``ops.attention`` mask (None: ``FullMask``).
+    segment_ids: None or ``(q_segment_ids [B, T], kv_segment_ids [B, S])``.
+    scale, softcap: as ``block_sparse_attention``.
+    return_lse: also return ``lse [B, Hq, T]``.
+  """
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  dtype = jnp.promote_types(q.dtype, jnp.float32)
+  q, k, v = (x.astype(dtype) for x in (q, k, v))
+  k, v = (jnp.repeat(x, hq // hkv, axis=2) for x in (k, v))
+  scale = 1.0 / np.sqrt(d) if scale is None else scale
+  x = jnp.einsum("bthd,bshd->bhts", q, k) * scale
+  if softcap is not None:
+    x = softcap * jnp.tanh(x / softcap)
+  mask = masks_lib.FullMask() if mask is None else mask
+  i, j = jnp.arange(t)[None, :, None], jnp.arange(s)[None, None, :]
+  h = jnp.arange(hq)[:, None, None]
+  lookup = lambda a: jnp.asarray(a)[h % a.shape[0], i, j]
+  valid = jnp.broadcast_to(mask.element(i, j, h, hq, lookup), (hq, t, s))[None]
+  if segment_ids is not None:
+    qs, ks = segment_ids
+    valid = valid & (qs[:, None, :, None] == ks[:, None, None, :])
+  m = jax.lax.stop_gradient(jnp.max(jnp.where(valid, x, -jnp.inf), -1, keepdims=True))
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  p = jnp.where(valid, jnp.exp(jnp.where(valid, x, m) - m), 0.0)
+  l = p.sum(-1, keepdims=True)
+  o = jnp.einsum("bhts,bshd->bthd", p / jnp.where(l > 0, l, 1.0), v)
+  if not return_lse:
+    return o
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
+  return o, lse
+
+
+# --------------------------------------------------------------------------
+# XLA path: gather the listed kv blocks, online softmax over list slots
+
+
+class _Blocked:
+  """Blocked views and per-slot gathers shared by the XLA forward and backward.
+
+  Queries are grouped by kv head: ``[B, G, R, nq, bq, D]`` with ``G = Hkv``,
+  ``R = Hq / Hkv``. The layout's head dim (1 or Hq) becomes ``[G', R']``.
+  """
+
+  def __init__(self, cfg: Config, q, k, q_seg, kv_seg, leaves, layout):
+    self.cfg = cfg
+    b, tp, hq, d = q.shape
+    g, r = cfg.num_kv_heads, cfg.rep
+    self.nq, self.nk = tp // cfg.block_q, k.shape[1] // cfg.block_kv
+    self.shape = (b, g, r, self.nq, cfg.block_q, d)
+    self.mask = cfg.mask(leaves)
+
+    def heads(x):   # [B', H', nq, L] -> [B', G', R', nq, L]
+      return x.reshape(x.shape[0], g, r, *x.shape[2:]) if x.shape[1] > 1 else x[:, :, None]
+    self.index, self.kind = heads(layout.index), heads(layout.kind)
+    self.i = (jnp.arange(self.nq)[:, None] * cfg.block_q
+              + jnp.arange(cfg.block_q))[:, :, None]                       # [nq, bq, 1]
+    self.head = (jnp.arange(g)[:, None] * r + jnp.arange(r))[:, :, None, None, None]
+    self.q_seg = None if q_seg is None else q_seg.reshape(b, 1, 1, self.nq, cfg.block_q, 1)
+    self.kv_seg = kv_seg
+    self.bidx = jnp.arange(b)[:, None, None, None]
+    self.gidx = jnp.arange(g)[None, :, None, None]
+
+  def to_blocks_q(self, x):   # [B, Tp, Hq, X] -> [B, G, R, nq, bq, X]
+    b, g, r, nq, bq, _ = self.shape
+    return x.reshape(b, nq, bq, g, r, x.shape[-1]).transpose(0, 3, 4, 1, 2, 5)
+
+  def from_blocks_q(self, x):  # inverse of to_blocks_q
+    b, g, r, nq, bq, _ = self.shape
+    return x.transpose(0, 3, 4, 1, 2, 5).reshape(b, nq * bq, g * r, x.shape[-1])
+
+  def to_blocks_kv(self, x):   # [B, Sp, Hkv, D] -> [B, G, nk, bk, D]
+    b = x.shape[0]
+    return x.reshape(b, self.nk, self.cfg.block_kv, x.shape[2], x.shape[3]).transpose(0, 3, 1, 2, 4)
+
+  def gather(self, x, idx):    # x [B, G, nk, bk, D], idx [B', G', R', nq] -> [B, G, R', nq, bk, D]
+    return x[self.bidx, self.gidx, idx]
+
+  def valid(self, idx, kind):
+    """Allowed pairs for list slot ``idx``/``kind`` [B', G', R', nq]: [.., nq, bq, bk]."""
+    cfg = self.cfg
+    j = (idx[..., None] * cfg.block_kv + jnp.arange(cfg.block_kv))[..., None, :]
+    head = self.head
+    lookup = lambda a: a[head % a.shape[0], self.i, j]
+    kv_seg = None
+    if self.q_seg is not None:
+      kv_seg = self.kv_seg[jnp.arange(self.kv_seg.shape[0])[:, None, None, None, None, None], j]
+    valid = masks_lib.valid_pairs(self.mask, self.i, j, head, cfg.num_heads, cfg.seq_kv, lookup,
+                                  self.q_seg, kv_seg)
+    return valid & (kind > 0)[..., None, None]
+
+
+def xla_forward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout):
+  """Block-sparse forward over the listed kv blocks: ``(o [B,Tp,Hq,D], lse [B,Hq,Tp])``."""
+  blk = _Blocked(cfg, q, k, q_seg, kv_seg, leaves, layout)
+  qb = blk.to_blocks_q(q)
+  kb, vb = blk.to_blocks_kv(k), blk.to_blocks_kv(v)
+  stat_shape = blk.shape[:-1] + (1,)
+
+  def step(carry, t):
+    m, l, acc = carry
+    idx, kind = blk.index[..., t], blk.kind[..., t]
+    kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
+    s, _ = logits(cfg, qb, kt)
+    valid = blk.valid(idx, kind)
+    m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, MASK_VALUE), -1, keepdims=True))
+    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l = alpha * l + p.sum(-1, keepdims=True)
+    acc = alpha * acc + jnp.einsum("...ij,...jd->...id", p.astype(v.dtype), vt,
+                                   preferred_element_type=jnp.float32)
+    return (m_new, l, acc), None
+
+  init = (jnp.full(stat_shape, MASK_VALUE, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
+          jnp.zeros(blk.shape, jnp.float32))
+  (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(layout.max_blocks))
+  o, lse = finalize(m, l, acc)
+  b, tp, hq, _ = q.shape
+  return blk.from_blocks_q(o).astype(q.dtype), lse.reshape(b, hq, tp)
+
+
+def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do):
+  """FlashAttention-2 backward over the same listed blocks: ``(dq, dk, dv)``.
+
+  dk/dv are scatter-added into their kv block per slot, so the transposed
+  layout is not needed.
+  """
+  blk = _Blocked(cfg, q, k, q_seg, kv_seg, leaves, layout)
+  qb, dob = blk.to_blocks_q(q), blk.to_blocks_q(do)
+  kb, vb = blk.to_blocks_kv(k), blk.to_blocks_kv(v)
+  b, tp, hq, _ = q.shape
+  lse_b = blk.to_blocks_q(lse.reshape(b, hq, tp).transpose(0, 2, 1)[..., None])
+  delta = blk.to_blocks_q(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1,
+                                  keepdims=True))
+  r_sum = "r" if blk.index.shape[2] > 1 else ""
+
+  def step(carry, t):
+    dq, dk, dv = carry
+    idx, kind = blk.index[..., t], blk.kind[..., t]
+    kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
+    s, dtanh = logits(cfg, qb, kt)
+    p = jnp.where(blk.valid(idx, kind), jnp.exp(s - lse_b), 0.0)
+    dp = jnp.einsum("...id,...jd->...ij", dob, vt, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta)
+    if dtanh is not None:
+      ds = ds * dtanh
+    ds = ds * cfg.scale
+    dq = dq + jnp.einsum("...ij,...jd->...id", ds.astype(k.dtype), kt,
+                         preferred_element_type=jnp.float32)
+    spec = f"bgrqij,bgrqid->bg{r_sum}qjd"
+    dk_t = jnp.einsum(spec, ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+    dv_t = jnp.einsum(spec, p.astype(do.dtype), dob, preferred_element_type=jnp.float32)
+    if not r_sum:
+      dk_t, dv_t = dk_t[:, :, None], dv_t[:, :, None]
+    ii = (blk.bidx, blk.gidx, jnp.broadcast_to(idx, dk_t.shape[:4]))
+    return (dq, dk.at[ii].add(dk_t), dv.at[ii].add(dv_t)), None
+
+  kv_shape = kb.shape
+  init = (jnp.zeros(blk.shape, jnp.float32), jnp.zeros(kv_shape, jnp.float32),
+          jnp.zeros(kv_shape, jnp.float32))
+  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(layout.max_blocks))
+
+  def kv_out(x, like):
+    return x.transpose(0, 2, 3, 1, 4).reshape(like.shape).astype(like.dtype)
+  return blk.from_blocks_q(dq).astype(q.dtype), kv_out(dk, k), kv_out(dv, v)
+
+
+# --------------------------------------------------------------------------
+# Dynamic block selection (top-k blocks, Quest pages) and the XLA decode path
+
+
+def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
+                     local_blocks: int, sink_blocks: int):
+  """Kinds ``[B, Hq, nq, nk]`` of the blocks ``topk_block_attention`` visits.
+
+  Block score ``<mean q of the query block, mean k of the kv block>`` per
+  query head (padding rows excluded from the means); kept: the first
+  ``sink_blocks`` kv blocks, the ``local_blocks`` kv blocks ending at the one
+  holding the query block's last position, and the ``top_k`` best-scoring
+  other blocks, all among the blocks ``mask`` allows. Returns ``(kinds,
+  bound)`` with ``bound`` a static upper bound on blocks per query block.
+  """
+  b, t, hq, d = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  base, _ = masks_lib.block_kinds(mask, t, s, block_q, block_kv, hq)      # NumPy [1,1,nq,nk]
+  nq, nk = base.shape[-2:]
+
+  def pooled(x, n, block, length):
+    x = jax.lax.stop_gradient(x).astype(jnp.float32)
+    x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
+    rows = np.minimum(block, length - np.arange(n) * block).astype(np.float32)
+    return x.reshape(b, n, block, x.shape[2], d).sum(2) / rows[None, :, None, None]
+  qbar = pooled(q, nq, block_q, t).reshape(b, nq, hkv, hq // hkv, d)
+  kbar = pooled(k, nk, block_kv, s)
+  score = jnp.einsum("bqgrd,bkgd->bgrqk", qbar, kbar).reshape(b, hq, nq, nk)
+  eligible = base > 0
+  kb = np.arange(nk)[None, :]
+  kb_last = np.minimum((np.minimum(np.arange(1, nq + 1) * block_q, t) - 1) // block_kv,
+                       nk - 1)[:, None]
+  forced = ((kb < sink_blocks) | ((kb <= kb_last) & (kb > kb_last - local_blocks))) & eligible
+  selected = jnp.asarray(forced)
+  if top_k > 0:
+    cand = jnp.where(eligible & ~forced, score, -jnp.inf)
+    vals, ids = jax.lax.top_k(cand, min(top_k, nk))
+    picked = (ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]
+    selected = selected | picked.any(-2)
+  kinds = jnp.where(selected, base, 0).astype(jnp.int8)
+  bound = min(top_k + local_blocks + sink_blocks, int(np.max(eligible.sum(-1))))
+  return kinds, max(bound, 1)
+
+
+def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
+  """Kinds ``[B, 1 or Hkv, 1, nk]`` of the cache blocks a decode step visits.
+
+  FULL for blocks inside ``lengths``, PARTIAL for the block it ends in,
+  EMPTY beyond; with ``top_k_blocks`` only the Quest-selected blocks of each
+  kv head (``qg [B, R, Hkv, D]``: the query heads of each group) remain.
+  """
+  b, s, hkv, d = k_cache.shape
+  nk = -(-s // block_kv)
+  lo = jnp.arange(nk) * block_kv
+  nonempty = lo[None] < lengths[:, None]
+  kinds = jnp.where(lo[None] + block_kv <= lengths[:, None], masks_lib.FULL,
+                    jnp.where(nonempty, masks_lib.PARTIAL, masks_lib.EMPTY))
+  kinds = kinds.astype(jnp.int8)[:, None, None, :]
+  if top_k_blocks is None:
+    return kinds
+  kp = jnp.pad(jax.lax.stop_gradient(k_cache).astype(jnp.float32),
+               ((0, 0), (0, nk * block_kv - s), (0, 0), (0, 0)))
+  kp = kp.reshape(b, nk, block_kv, hkv, d)
+  valid = (jnp.arange(nk * block_kv).reshape(nk, block_kv)[None] < lengths[:, None, None])
+  valid = valid[..., None, None]
+  kmin = jnp.where(valid, kp, jnp.inf).min(2)                  # [B, nk, Hkv, D]
+  kmax = jnp.where(valid, kp, -jnp.inf).max(2)
+  qf = jax.lax.stop_gradient(qg).astype(jnp.float32)[:, None]  # [B, 1, R, Hkv, D]
+  upper = jnp.maximum(qf * kmin[:, :, None], qf * kmax[:, :, None]).sum((2, 4))  # [B, nk, Hkv]
+  upper = jnp.where(nonempty[..., None], upper, -jnp.inf).transpose(0, 2, 1)
+  vals, ids = jax.lax.top_k(upper, min(top_k_blocks, nk))
+  picked = ((ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]).any(-2)
+  return jnp.where(picked[:, :, None, :], kinds, masks_lib.EMPTY).astype(jnp.int8)
+
+
+def xla_decode(qg, k_cache, v_cache, lengths, layout, block_kv: int, scale: float, softcap):
+  """Flash-decoding in XLA: one partial ``(o, lse)`` per listed cache block, LSE-merged.
+
+  ``qg [B, R, Hkv, D]`` (query heads grouped by kv head), padded caches
+  ``[B, nk * bk, Hkv, D]``, layout ``[B, 1 or Hkv, 1, L]`` -> ``[B, R, Hkv, D]``.
+  """
+  b, sp, hkv, d = k_cache.shape
+  nk = sp // block_kv
+  idx, kind = layout.index[:, :, 0], layout.kind[:, :, 0]           # [B, H', L]
+  ii = (jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], idx)
+  kt, vt = (x.reshape(b, nk, block_kv, hkv, d).transpose(0, 3, 1, 2, 4)[ii]
+            for x in (k_cache, v_cache))                              # [B, G, L, bk, D]
+  s = jnp.einsum("brgd,bgljd->bgrlj", qg, kt, preferred_element_type=jnp.float32) * scale
+  s, _ = apply_softcap(s, softcap)
+  j = idx[..., None] * block_kv + jnp.arange(block_kv)
+  valid = ((j < lengths[:, None, None, None]) & (kind > 0)[..., None])[:, :, None]
+  m = jnp.max(jnp.where(valid, s, MASK_VALUE), -1)
+  p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
+  l = p.sum(-1)
+  o = jnp.einsum("bgrlj,bgljd->bgrld", p.astype(v_cache.dtype), vt,
+                 preferred_element_type=jnp.float32)
+  o, lse = finalize(m[..., None], l[..., None], o)
+  o, _ = merge_partials(o, lse[..., 0], axis=3)                       # [B, G, R, D]
+  return o.transpose(0, 2, 1, 3)
