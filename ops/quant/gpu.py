@@ -1,0 +1,207 @@
+"""Pallas GPU (Triton) kernels of ``quantized_matmul``.
+
+Same formats and math as ``tpu.py``; Triton style: the grid is
+``(M/bm, N/bn)`` and each program walks K in steps of ``bk`` inside a
+``fori_loop``, loading the stored codes of a step (``[bk/2, bn]`` bytes for
+packed formats, ``[bk, bn]`` for int8) straight from global memory, decoding
+them in registers (``reference.bit_planes`` / ``reference.decode``) and
+accumulating ``tl.dot`` products in float32. Triton has no value slicing,
+so a packed step is one group (``bk == group_size``) and its two nibble
+halves are two dots against the matching halves of the x columns.
+
+- ``matmul``: weight-only int8 / int4 (sym, asym via a bias ``-z s``) /
+  nf4 / fp4; ``transpose=True`` computes ``g @ W^T`` with grid
+  ``(M/bm, K/bk)`` and a loop over N.
+- ``w8a8_matmul``: int8 x int8 dots with an int32 accumulator, scaled by
+  ``sx * sw`` at the end.
+
+fp8 and ternary weights, and fp8 activations, take the XLA path.
+
+Block rules (``block_sizes_error``): Triton needs power-of-two tiles of at
+least 16 (``tl.dot``); ``bn`` divides N; packed formats need
+``bk == group_size`` (32..256); int8 needs ``bk`` to divide the group size
+(per-channel: K). M is padded to a multiple of ``bm``.
+
+Always called with ``pltriton.CompilerParams`` so that a GPU picks the
+Triton backend (jax 0.10.2 defaults ``pallas_call`` to Mosaic GPU).
+
+Measurements: none, no GPU was available to this work. ``TUNED_BLOCK_SIZES``
+and ``MEASURED_FASTER`` are empty, so ``impl="auto"`` never picks it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from ops.common import pad_axis
+from ops.quant.reference import PACKED_FORMATS, bit_planes, decode
+
+KERNEL_FORMATS = ("int8", "int4", "nf4", "fp4")
+X_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+TUNED_BLOCK_SIZES: dict[str, tuple[int, int, int]] = {}
+MEASURED_FASTER: dict[str, Callable[[], bool]] = {}
+_PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
+_NT = (((1,), (1,)), ((), ()))
+
+
+def _pow2(v: int) -> bool:
+  return v >= 16 and v & (v - 1) == 0
+
+
+def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
+                      group_size: int, packed: bool, x_dtype) -> str | None:
+  """Why (bm, bn, bk) cannot tile an [M, K] x [K, N] problem, or None."""
+  del m, k, x_dtype  # M is padded; K is a multiple of group_size
+  for name, v in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
+    if not _pow2(v):
+      return f"{name}={v} must be a power of two >= 16 (Triton)"
+  if n % bn:
+    return f"block_n={bn} must divide N={n}"
+  if packed and (bk != group_size or bk > 256):
+    return f"block_k={bk} must equal group_size={group_size} (<= 256) for packed formats"
+  if not packed and group_size % bk:
+    return f"block_k={bk} must divide group_size={group_size}"
+  return None
+
+
+def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool,
+                        x_dtype, device_kind: str) -> tuple[int, int, int]:
+  """(bm, bn, bk): the tuned entry for ``device_kind``, else a heuristic."""
+  del k, x_dtype
+  if device_kind in TUNED_BLOCK_SIZES:
+    return TUNED_BLOCK_SIZES[device_kind]
+  bm = min(64, max(16, 1 << (max(m, 1) - 1).bit_length()))
+  bn = next((b for b in (128, 64, 32, 16) if n % b == 0), n)
+  bk = group_size if packed else next(
+      (b for b in (128, 64, 32, 16) if group_size % b == 0), group_size)
+  return bm, bn, bk
+
+
+def _scaled(v, s, b):
+  return v * s if b is None else v * s + b
+
+
+def _matmul_kernel(x_ref, w_ref, s_ref, *refs, fmt, symmetric, group_size, bk):
+  *b_ref, o_ref = refs
+  packed = fmt in PACKED_FORMATS
+  dtype = x_ref.dtype
+
+  def body(c, acc):
+    grp = pl.ds(lax.div(c * bk, group_size), 1)
+    s = s_ref[grp, :]
+    b = b_ref[0][grp, :] if b_ref else None
+    if packed:  # one group: its low nibbles are columns [0, bk/2), high [bk/2, bk)
+      h = bk // 2
+      for p, plane in enumerate(bit_planes(w_ref[pl.ds(c * h, h), :], 4)):
+        w = _scaled(decode(plane, fmt, symmetric), s, b).astype(dtype)
+        acc += jnp.dot(x_ref[:, pl.ds(c * bk + p * h, h)], w, preferred_element_type=jnp.float32)
+      return acc
+    w = _scaled(decode(w_ref[pl.ds(c * bk, bk), :].astype(jnp.int32), fmt), s, b).astype(dtype)
+    return acc + jnp.dot(x_ref[:, pl.ds(c * bk, bk)], w, preferred_element_type=jnp.float32)
+
+  k = x_ref.shape[1]
+  acc = lax.fori_loop(0, k // bk, body, jnp.zeros(o_ref.shape, jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _matmul_t_kernel(g_ref, w_ref, s_ref, *refs, fmt, symmetric, bn):
+  *b_ref, o_ref = refs
+  packed = fmt in PACKED_FORMATS
+  dtype = g_ref.dtype
+  rows = w_ref.shape[0]
+
+  def body(j, accs):
+    cols = pl.ds(j * bn, bn)
+    g = g_ref[:, cols]
+    s = s_ref[:, cols]
+    b = b_ref[0][:, cols] if b_ref else None
+    w = w_ref[:, cols]
+    planes = bit_planes(w, 4) if packed else [w.astype(jnp.int32)]
+    return tuple(
+        acc + lax.dot_general(g, _scaled(decode(p, fmt, symmetric), s, b).astype(dtype), _NT,
+                              preferred_element_type=jnp.float32)
+        for acc, p in zip(accs, planes))
+
+  n = g_ref.shape[1]
+  zeros = tuple(jnp.zeros((o_ref.shape[0], rows), jnp.float32) for _ in range(2 if packed else 1))
+  accs = lax.fori_loop(0, n // bn, body, zeros)
+  for p, acc in enumerate(accs):
+    o_ref[:, pl.ds(p * rows, rows)] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "fmt", "symmetric", "group_size", "block_sizes", "transpose", "out_dtype", "interpret"))
+def matmul(x, values, scales, bias, *, fmt: str, symmetric: bool, group_size: int,
+           block_sizes: tuple[int, int, int], transpose: bool = False,
+           out_dtype=None, interpret=False) -> jax.Array:
+  """Weight-only ``x @ W`` ([M, K] -> [M, N]) or, transposed, ``x @ W^T``.
+
+  Arguments as ``tpu.matmul``.
+  """
+  bm, bn, bk = block_sizes
+  packed = fmt in PACKED_FORMATS
+  k, n = values.shape[0] * (2 if packed else 1), values.shape[1]
+  m = x.shape[0]
+  xp = pad_axis(x, 0, bm)
+  group = [a for a in (scales, bias) if a is not None]
+  if transpose:
+    rows = bk // 2 if packed else bk
+    grid = (xp.shape[0] // bm, k // bk)
+    in_specs = [pl.BlockSpec((bm, n), lambda i, kk: (i, 0)),
+                pl.BlockSpec((rows, n), lambda i, kk: (kk, 0))]
+    in_specs += [pl.BlockSpec((1, n), lambda i, kk: (lax.div(kk * bk, group_size), 0))] * len(group)
+    out_spec, out_cols = pl.BlockSpec((bm, bk), lambda i, kk: (i, kk)), k
+    kernel = functools.partial(_matmul_t_kernel, fmt=fmt, symmetric=symmetric, bn=bn)
+  else:
+    grid = (xp.shape[0] // bm, n // bn)
+    in_specs = [pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec((values.shape[0], bn), lambda i, j: (0, j))]
+    in_specs += [pl.BlockSpec((k // group_size, bn), lambda i, j: (0, j))] * len(group)
+    out_spec, out_cols = pl.BlockSpec((bm, bn), lambda i, j: (i, j)), n
+    kernel = functools.partial(_matmul_kernel, fmt=fmt, symmetric=symmetric,
+                               group_size=group_size, bk=bk)
+  out = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((xp.shape[0], out_cols), out_dtype or x.dtype),
+      grid=grid, in_specs=in_specs, out_specs=out_spec,
+      compiler_params=_PARAMS, interpret=interpret,
+  )(xp, values, *group)
+  return out[:m]
+
+
+def _w8a8_kernel(xq_ref, sx_ref, w_ref, s_ref, o_ref, *, bk):
+  def body(c, acc):
+    return acc + jnp.dot(xq_ref[:, pl.ds(c * bk, bk)], w_ref[pl.ds(c * bk, bk), :],
+                         preferred_element_type=jnp.int32)
+
+  acc = lax.fori_loop(0, xq_ref.shape[1] // bk, body, jnp.zeros(o_ref.shape, jnp.int32))
+  o_ref[...] = (acc.astype(jnp.float32) * sx_ref[...] * s_ref[...]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret"))
+def w8a8_matmul(xq, sx, values, scales, *, block_sizes: tuple[int, int, int],
+                out_dtype=jnp.float32, interpret=False) -> jax.Array:
+  """``(xq @ values) * sx * scales`` with int32 accumulation (see ``tpu.w8a8_matmul``)."""
+  bm, bn, bk = block_sizes
+  m, k = xq.shape
+  n = values.shape[1]
+  xqp, sxp = pad_axis(xq, 0, bm), pad_axis(sx, 0, bm)
+  out = pl.pallas_call(
+      functools.partial(_w8a8_kernel, bk=bk),
+      out_shape=jax.ShapeDtypeStruct((xqp.shape[0], n), out_dtype),
+      grid=(xqp.shape[0] // bm, n // bn),
+      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
+                pl.BlockSpec((k, bn), lambda i, j: (0, j)),
+                pl.BlockSpec((1, bn), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      compiler_params=_PARAMS, interpret=interpret,
+  )(xqp, sxp, values, scales)
+  return out[:m]
