@@ -157,7 +157,7 @@ class ChunkedMask(Mask):
     _check_positive_int("ChunkedMask.chunk", self.chunk)
 
   def element(self, i, j, head, num_heads, lookup):
-    return i // self.chunk == j // self.chunk
+    return _div(i, self.chunk) == _div(j, self.chunk)
 
   def block_kinds(self, grid, xp):
     return _group_kinds(grid, self.chunk, 0, xp)
@@ -200,7 +200,7 @@ class ShiftedGroupMask(Mask):
 
   def element(self, i, j, head, num_heads, lookup):
     s = self._shift(head, num_heads)
-    return (i + s) // self.group == (j + s) // self.group
+    return _div(i + s, self.group) == _div(j + s, self.group)
 
   def block_kinds(self, grid, xp):
     return _group_kinds(grid, self.group, self._shift(grid.head, grid.num_heads), xp)
@@ -335,6 +335,14 @@ class OrMask(_Combined):
 def _check_positive_int(name: str, value) -> None:
   if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
     raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _div(x, n: int):
+  """``x // n`` for non-negative ints; on jax values ``lax.div`` (truncating,
+  no sign fix-up, which Mosaic lowers without device info)."""
+  if isinstance(x, jax.Array):
+    return jax.lax.div(x, jnp.asarray(n, x.dtype))
+  return x // n
 
 
 def _is_static(mask: Mask) -> bool:

@@ -80,6 +80,42 @@ def apply_softcap(x, cap):
   return cap * t, 1.0 - t * t
 
 
+def online_softmax_step(carry, s, v, valid=None):
+  """One FlashAttention-2 update of ``(m, l, acc)`` with scores ``s [.., bq, bk]``.
+
+  ``m``, ``l`` are ``[.., bq, 1]`` float32 running max and sum, ``acc``
+  ``[.., bq, D]`` float32; ``valid`` (None: all) masks scores. Used by the
+  XLA path and both kernels.
+  """
+  m, l, acc = carry
+  s_max = s if valid is None else jnp.where(valid, s, MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s_max, axis=-1, keepdims=True))
+  p = jnp.exp(s - m_new)
+  if valid is not None:
+    p = jnp.where(valid, p, 0.0)
+  alpha = jnp.exp(m - m_new)
+  pv = jnp.einsum("...ij,...jd->...id", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return m_new, alpha * l + jnp.sum(p, axis=-1, keepdims=True), alpha * acc + pv
+
+
+def probs_and_dlogits(cfg: "Config", q, k, v, do, lse, delta, valid=None):
+  """Backward tile: ``(p, dx)`` with ``dx = d loss / d (q.k)`` (scale and softcap applied).
+
+  ``p = exp(s - lse)`` on valid pairs, ``dp = do v^T``,
+  ``ds = p (dp - delta)`` with ``delta = rowsum(do * o)``; then the softcap
+  and scale chain rule.
+  """
+  s, dtanh = logits(cfg, q, k)
+  p = jnp.exp(s - lse)
+  if valid is not None:
+    p = jnp.where(valid, p, 0.0)
+  dp = jnp.einsum("...id,...jd->...ij", do, v, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta)
+  if dtanh is not None:
+    ds = ds * dtanh
+  return p, ds * cfg.scale
+
+
 def finalize(m, l, acc):
   """``(o, lse)`` from online-softmax state; empty rows give ``(0, -inf)``."""
   nonempty = l > 0
@@ -216,18 +252,10 @@ def xla_forward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout):
   stat_shape = blk.shape[:-1] + (1,)
 
   def step(carry, t):
-    m, l, acc = carry
     idx, kind = blk.index[..., t], blk.kind[..., t]
     kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
     s, _ = logits(cfg, qb, kt)
-    valid = blk.valid(idx, kind)
-    m_new = jnp.maximum(m, jnp.max(jnp.where(valid, s, MASK_VALUE), -1, keepdims=True))
-    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-    alpha = jnp.exp(m - m_new)
-    l = alpha * l + p.sum(-1, keepdims=True)
-    acc = alpha * acc + jnp.einsum("...ij,...jd->...id", p.astype(v.dtype), vt,
-                                   preferred_element_type=jnp.float32)
-    return (m_new, l, acc), None
+    return online_softmax_step(carry, s, vt, blk.valid(idx, kind)), None
 
   init = (jnp.full(stat_shape, MASK_VALUE, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
           jnp.zeros(blk.shape, jnp.float32))
@@ -256,13 +284,7 @@ def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do
     dq, dk, dv = carry
     idx, kind = blk.index[..., t], blk.kind[..., t]
     kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
-    s, dtanh = logits(cfg, qb, kt)
-    p = jnp.where(blk.valid(idx, kind), jnp.exp(s - lse_b), 0.0)
-    dp = jnp.einsum("...id,...jd->...ij", dob, vt, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta)
-    if dtanh is not None:
-      ds = ds * dtanh
-    ds = ds * cfg.scale
+    p, ds = probs_and_dlogits(cfg, qb, kt, vt, dob, lse_b, delta, blk.valid(idx, kind))
     dq = dq + jnp.einsum("...ij,...jd->...id", ds.astype(k.dtype), kt,
                          preferred_element_type=jnp.float32)
     spec = f"bgrqij,bgrqid->bg{r_sum}qjd"
