@@ -1,0 +1,71 @@
+"""Default experiment: a small byte-level transformer LM on the Python stdlib.
+
+Sized to train in under 10 minutes on 2 CPU cores (see README for the
+measured figures). ``python -m launch.train`` runs it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "lm_tiny"
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "transformer"
+  c.model.vocab_size = 384          # 256 bytes + PAD/BOS/EOS, padded to a multiple of 128
+  c.model.num_layers = 4
+  c.model.d_model = 256
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 64
+  c.model.mlp_dim = 768
+  c.model.rope_theta = 10_000.0
+  c.model.tie_embeddings = True
+  c.model.norm_eps = 1e-6
+  c.model.dropout_rate = 0.0
+  c.model.attention = "dense"       # dense | sliding
+  c.model.window = 0                # keys i-window+1..i when attention == "sliding"
+  c.model.dtype = "float32"         # compute dtype; "bfloat16" on GPU/TPU
+  c.model.param_dtype = "float32"
+  c.model.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "stdlib"          # stdlib | text | jsonl
+  c.data.path = ""                  # comma-separated files for text / jsonl
+  c.data.jsonl_field = "text"
+  c.data.seq_len = 256
+  c.data.heldout_fraction = 0.05
+  c.data.eval_windows = 64          # held-out windows of seq_len per evaluation
+  c.data.prefetch = 2
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600
+  c.train.batch_size = 16
+  c.train.grad_accum = 1
+  c.train.lr = 3e-3
+  c.train.min_lr_ratio = 0.1
+  c.train.warmup_steps = 50
+  c.train.schedule = "wsd"          # cosine | wsd | constant
+  c.train.decay_fraction = 0.2      # WSD: last fraction of steps decays
+  c.train.wsd_decay = "sqrt"        # linear | cosine | exp | sqrt
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpoint = True
+  c.train.tensorboard = False
+  c.train.sample_prompt = "def "
+  c.train.sample_tokens = 120
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  return c

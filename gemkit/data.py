@@ -1,0 +1,262 @@
+"""Data: a byte-level tokenizer, corpora, packed windows and Grain pipelines.
+
+Tokens are bytes 0..255 plus ``PAD``, ``BOS`` and ``EOS``. A corpus is a list
+of named documents (bytes). Each document becomes ``BOS + bytes + EOS``; the
+documents of a split are concatenated into one stream, cut into windows of
+``seq_len + 1`` tokens, and each window carries segment ids (one per document
+piece) so attention and the loss never cross a document boundary.
+
+Non-UTF-8 text needs no special case: the tokenizer works on raw bytes, so a
+text file is read as bytes and trained on as is. JSONL lines must be JSON
+(hence UTF-8); a line that is not is a ConfigError naming the file and line.
+
+The train split is a Grain ``MapDataset`` (shuffled per epoch, sharded by
+process, batched); its iterator state is checkpointed with the model, so a
+resumed run reads exactly the batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sysconfig
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from gemkit.config import ConfigError
+
+PAD, BOS, EOS = 256, 257, 258
+NUM_TOKENS = 259
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as ids 0..255, plus PAD=256, BOS=257, EOS=258."""
+
+  pad_id, bos_id, eos_id = PAD, BOS, EOS
+  vocab_size = NUM_TOKENS
+
+  def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
+    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+    ids = np.frombuffer(data, np.uint8).astype(np.int32)
+    parts = ([np.array([BOS], np.int32)] if bos else []) + [ids] + (
+        [np.array([EOS], np.int32)] if eos else [])
+    return np.concatenate(parts)
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Bytes back to text; special ids are dropped, bad UTF-8 is replaced."""
+    ids = np.asarray(ids).reshape(-1)
+    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  name: str
+  data: bytes
+
+
+# --- corpora ---------------------------------------------------------------
+
+
+def stdlib_documents() -> list[Document]:
+  """The running Python's standard library sources, without tests.
+
+  Excludes site-packages and every ``test``/``tests``/``idle_test`` directory
+  and ``test_*.py`` file. Sorted by relative path, so the corpus depends only
+  on the Python installation (its fingerprint is recorded with each run).
+  """
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  docs = []
+  for path in sorted(root.rglob("*.py")):
+    rel = path.relative_to(root)
+    if rel.parts[0] in ("site-packages", "dist-packages"):
+      continue
+    if rel.name.startswith("test_") or any(
+        p in ("test", "tests", "idle_test") for p in rel.parts[:-1]):
+      continue
+    docs.append(Document(rel.as_posix(), path.read_bytes()))
+  return docs
+
+
+def text_documents(paths: Sequence[str]) -> list[Document]:
+  """One document per file, read as raw bytes (any encoding trains as is)."""
+  docs = []
+  for p in paths:
+    path = pathlib.Path(p)
+    if not path.is_file():
+      raise ConfigError("data.path", f"no such file: {p!r}")
+    docs.append(Document(path.as_posix(), path.read_bytes()))
+  return docs
+
+
+def jsonl_documents(paths: Sequence[str], field: str = "text") -> list[Document]:
+  """One document per JSONL line ``{field: str}``; errors name file and line."""
+  docs = []
+  for p in paths:
+    path = pathlib.Path(p)
+    if not path.is_file():
+      raise ConfigError("data.path", f"no such file: {p!r}")
+    with open(path, "rb") as f:
+      for lineno, raw in enumerate(f, 1):
+        if not raw.strip():
+          continue
+        where = f"{path}:{lineno}"
+        try:
+          record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+          raise ConfigError("data.path", f"{where}: line is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+          raise ConfigError("data.path", f"{where}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(field), str):
+          raise ConfigError("data.jsonl_field", f"{where}: needs a string field {field!r}")
+        docs.append(Document(where, record[field].encode("utf-8")))
+  return docs
+
+
+def load_documents(data_cfg) -> list[Document]:
+  """The documents named by a ``config.data`` block."""
+  paths = [p for p in data_cfg.path.split(",") if p]
+  if data_cfg.source == "stdlib":
+    docs = stdlib_documents()
+  elif data_cfg.source == "text":
+    docs = text_documents(paths)
+  elif data_cfg.source == "jsonl":
+    docs = jsonl_documents(paths, data_cfg.jsonl_field)
+  else:
+    raise ConfigError("data.source", f"unknown source {data_cfg.source!r}")
+  docs = [d for d in docs if d.data]
+  if not docs:
+    raise ConfigError("data.path", f"the {data_cfg.source} corpus is empty")
+  return docs
+
+
+def _in_heldout(name: str, fraction: float) -> bool:
+  h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+  return h / 2**64 < fraction
+
+
+# --- token streams and packed windows --------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenStream:
+  """Concatenated ``BOS doc EOS`` sequences and where each document starts."""
+
+  tokens: np.ndarray   # [N] uint16
+  starts: np.ndarray   # [num_docs] int64, offsets of each BOS (starts[0] == 0)
+
+  @classmethod
+  def from_documents(cls, docs: Sequence[Document]) -> "TokenStream":
+    pieces, starts, offset = [], [], 0
+    for doc in docs:
+      body = np.frombuffer(doc.data, np.uint8).astype(np.uint16)
+      pieces += [np.array([BOS], np.uint16), body, np.array([EOS], np.uint16)]
+      starts.append(offset)
+      offset += body.size + 2
+    return cls(np.concatenate(pieces), np.asarray(starts, np.int64))
+
+  @property
+  def num_bytes(self) -> int:
+    return int(self.tokens.size - 2 * self.starts.size)
+
+  def segment_of(self, index: np.ndarray) -> np.ndarray:
+    """Document number of each token position."""
+    return np.searchsorted(self.starts, index, side="right") - 1
+
+
+class PackedWindows:
+  """Grain random-access source: window ``i`` covers tokens [i*L, i*L + L].
+
+  Each record is a dict of [L] arrays:
+    inputs:      tokens t .. t+L-1
+    targets:     tokens t+1 .. t+L
+    segment_ids: 1, 2, ... per document piece in the window (0 = padding)
+    loss_mask:   1.0 where the target is in the same document as the input
+  """
+
+  def __init__(self, stream: TokenStream, seq_len: int):
+    if stream.tokens.size < seq_len + 1:
+      raise ConfigError("data.seq_len",
+                        f"{seq_len} is longer than the whole split "
+                        f"({stream.tokens.size} tokens)")
+    self.stream, self.seq_len = stream, seq_len
+    self._len = (stream.tokens.size - 1) // seq_len
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    L = self.seq_len
+    idx = np.arange(int(i) * L, int(i) * L + L + 1)
+    window = self.stream.tokens[idx].astype(np.int32)
+    doc = self.stream.segment_of(idx)
+    seg = (doc - doc[0] + 1).astype(np.int32)
+    return {
+        "inputs": window[:-1],
+        "targets": window[1:],
+        "segment_ids": seg[:-1],
+        "loss_mask": (seg[1:] == seg[:-1]).astype(np.float32),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """The train and held-out streams of a config, and their fingerprint."""
+
+  train: TokenStream
+  heldout: TokenStream
+  fingerprint: str
+  num_docs: tuple[int, int]
+
+  @classmethod
+  def from_config(cls, data_cfg) -> "Corpus":
+    docs = load_documents(data_cfg)
+    digest = hashlib.sha256()
+    for d in docs:
+      digest.update(d.name.encode() + b"\0" + hashlib.sha256(d.data).digest())
+    held = [d for d in docs if _in_heldout(d.name, data_cfg.heldout_fraction)]
+    train = [d for d in docs if not _in_heldout(d.name, data_cfg.heldout_fraction)]
+    if not held or not train:  # too few documents to split by name: split bytes
+      joined = b"\n".join(d.data for d in docs)
+      cut = int(len(joined) * (1 - data_cfg.heldout_fraction))
+      train, held = [Document("train", joined[:cut])], [Document("heldout", joined[cut:])]
+    digest.update(f"heldout={data_cfg.heldout_fraction}".encode())
+    return cls(TokenStream.from_documents(train), TokenStream.from_documents(held),
+               digest.hexdigest()[:16], (len(train), len(held)))
+
+
+# --- pipelines ---------------------------------------------------------------
+
+
+def train_dataset(corpus: Corpus, data_cfg, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """Shuffled (reshuffled every epoch), process-sharded, batched windows.
+
+  ``batch_size`` is the global batch; each process gets its
+  ``batch_size // process_count`` rows.
+  """
+  if batch_size % process_count:
+    raise ConfigError("train.batch_size",
+                      f"{batch_size} is not divisible by {process_count} processes")
+  ds = (grain.MapDataset.source(PackedWindows(corpus.train, data_cfg.seq_len))
+        .shuffle(seed=seed).repeat(None))
+  ds = ds[process_index::process_count].batch(batch_size // process_count,
+                                              drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
+                                              prefetch_buffer_size=data_cfg.prefetch))
+
+
+def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
+                 max_windows: int) -> Iterator[dict[str, np.ndarray]]:
+  """Disjoint held-out windows in order; the last batch is padded (mask 0)."""
+  windows = PackedWindows(stream, seq_len)
+  n = min(len(windows), max_windows)
+  for start in range(0, n, batch_size):
+    rows = [windows[i] for i in range(start, min(start + batch_size, n))]
+    while len(rows) < batch_size:
+      rows.append({k: np.zeros_like(v) if k != "inputs" else np.full_like(v, PAD)
+                   for k, v in rows[0].items()})
+    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}

@@ -1,0 +1,89 @@
+"""Metric sinks: a live console line, a JSONL log and (optionally) TensorBoard.
+
+``metrics.jsonl`` in the workdir has one JSON object per logged step
+(``{"step": ..., "split": "train"|"eval", ...}``). On resume, lines beyond the
+restored step are dropped so the log continues the curve without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any, TextIO
+
+# Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor figures).
+PEAK_FLOPS = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
+}
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricWriter:
+  """Writes scalar metrics to console, ``<workdir>/metrics.jsonl`` and TensorBoard."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = False,
+               stream: TextIO | None = None, is_main: bool = True):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.stream = stream or sys.stdout
+    self.is_main = is_main
+    self.live = self.stream.isatty()
+    self._tb = None
+    if tensorboard and is_main:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        raise ImportError("train.tensorboard=True needs `pip install gemkit[tensorboard]`") from e
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"))
+
+  def truncate_after(self, step: int) -> None:
+    """Drops logged lines with step > ``step`` (used when resuming)."""
+    if not self.is_main or not self.path.exists():
+      return
+    lines = [l for l in self.path.read_text().splitlines()
+             if l.strip() and json.loads(l)["step"] <= step]
+    self.path.write_text("".join(l + "\n" for l in lines))
+
+  def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+    if not self.is_main:
+      return
+    record = {"step": int(step), "split": split, "time": time.time(), **values}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for k, v in values.items():
+        if isinstance(v, (int, float)):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+
+  def progress(self, text: str, *, final: bool = False) -> None:
+    """A status line: rewritten in place on a terminal, one line per call otherwise."""
+    if not self.is_main:
+      return
+    if self.live:
+      self.stream.write("\r\033[K" + text + ("\n" if final else ""))
+    else:
+      self.stream.write(text + "\n")
+    self.stream.flush()
+
+  def print(self, text: str) -> None:
+    if self.is_main:
+      if self.live:
+        self.stream.write("\r\033[K")
+      self.stream.write(text + "\n")
+      self.stream.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

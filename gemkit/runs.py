@@ -1,0 +1,94 @@
+"""The plain functions behind the launchers (a notebook calls these directly)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+
+from gemkit import sample as sample_lib
+from gemkit import train as train_lib
+from gemkit.metrics import format_duration
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
+  return pathlib.Path("runs") / config.name
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict:
+  """Trains (or resumes) ``config`` in ``workdir``; prints and returns a summary."""
+  workdir = pathlib.Path(workdir) if workdir else default_workdir(config)
+  start = time.perf_counter()
+  trainer = train_lib.Trainer(config, workdir)
+  w = trainer.writer
+  c = trainer.corpus
+  w.print(f"gemkit: {config.name}  {trainer.num_params:,} parameters  "
+          f"devices {jax.device_count()} x {jax.devices()[0].device_kind}  mesh "
+          f"{dict(trainer.mesh.shape)}")
+  w.print(f"corpus {config.data.source} {c.fingerprint}: {c.num_docs[0]} train docs "
+          f"({c.train.num_bytes:,} bytes), {c.num_docs[1]} held-out docs "
+          f"({c.heldout.num_bytes:,} bytes)")
+  if trainer.resumed_from is not None:
+    w.print(f"resumed from step {trainer.resumed_from} in {workdir}")
+  try:
+    logged = trainer.run()
+    final = trainer.evaluate()
+    model = trainer.model()
+    text = sample_lib.generate(model, [config.train.sample_prompt],
+                               max_new_tokens=config.train.sample_tokens, temperature=0.0)[0]
+  finally:
+    trainer.close()
+  train_logs = [r for r in logged if r["split"] == "train"]
+  elapsed = time.perf_counter() - start
+  summary = {
+      "workdir": str(workdir), "step": trainer.step, "elapsed_s": round(elapsed, 1),
+      "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
+      "heldout_loss": final["loss"], "heldout_bpb": final["bpb"],
+      "tokens_per_sec": (sum(r["tokens_per_sec"] for r in train_logs) / len(train_logs)
+                         if train_logs else None),
+      "sample": text,
+  }
+  w.print("-" * 72)
+  w.print(f"done: step {summary['step']} in {format_duration(elapsed)} | held-out loss "
+          f"{final['loss']:.4f} nats/token, {final['bpb']:.4f} bits/byte")
+  w.print(f"greedy sample from {config.train.sample_prompt!r}:\n"
+          f"{config.train.sample_prompt}{text}")
+  return summary
+
+
+def load(workdir: str | pathlib.Path, step: int | None = None):
+  """(model, config) from a run directory's checkpoint (latest step by default).
+
+  The model is rebuilt from the model config recorded in the checkpoint, so
+  it does not depend on the experiment file still being the same.
+  """
+  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  import models  # pylint: disable=g-import-not-at-top
+  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from gemkit.config import ConfigError  # pylint: disable=g-import-not-at-top
+
+  directory = pathlib.Path(workdir) / "checkpoints"
+  if not directory.is_dir():
+    raise ConfigError("workdir", f"no checkpoints under {workdir}")
+  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+      raise ConfigError("workdir", f"no complete checkpoint under {directory}")
+    meta = checkpointer.meta(step)
+    model_cfg = mlc.ConfigDict(meta["model"])
+    abstract = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+    saved = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    checkpointer.close()
+  model = train_lib.merge_model(graphdef, saved["params"], saved["frozen"])
+  config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
+  return model, config

@@ -1,0 +1,40 @@
+"""Sample text from a trained run's checkpoint (KV-cache decoding).
+
+  python -m launch.generate --workdir=runs/lm_tiny --prompt="def " \\
+      --max_new_tokens=200 --temperature=0.8 --top_k=40 --top_p=0.95
+"""
+
+from absl import app, flags, logging
+
+from gemkit import config as config_lib
+from gemkit import runs, sample
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/lm_tiny", "Run directory to load.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_PROMPT = flags.DEFINE_multi_string("prompt", ["def "], "Prompt(s); repeat for a batch.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.", lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: all).",
+                              lower_bound=0)
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1: all).", lower_bound=0.0,
+                            upper_bound=1.0)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+
+  def run():
+    model, _ = runs.load(_WORKDIR.value, _STEP.value)
+    texts = sample.generate(model, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
+                            temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                            top_p=_TOP_P.value, seed=_SEED.value)
+    for prompt, text in zip(_PROMPT.value, texts):
+      print(f"{prompt}{text}\n{'-' * 40}")
+
+  config_lib.run_guarded(run)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=config_lib.flags_parser)

@@ -1,0 +1,142 @@
+"""Shared Flax NNX layers: Dense, Embed, RMSNorm, RoPE, gated MLP.
+
+Parameters carry logical axis names (``out_sharding`` metadata) that
+``gemkit.sharding`` maps onto the device mesh; :func:`constrain` does the same
+for activations when a mesh and rules are in force and is a no-op otherwise.
+Weights are ``[in, out]``; activations ``[batch, seq, ...]``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd
+
+Initializer = Callable[..., jax.Array]
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], dtype,
+          names: Sequence[str | None]) -> nnx.Param:
+  """An ``nnx.Param`` initialised with ``init`` and tagged with logical axis names."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   out_sharding=tuple(names), eager_sharding=False)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names, if a mesh and rules are set."""
+  rules = spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  from flax import linen  # pylint: disable=g-import-not-at-top
+  spec = linen.logical_to_mesh_axes(tuple(names), rules)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+class Dense(nnx.Module):
+  """y = x @ W (+ b), W: [in, out], computed in ``dtype`` (params stay ``param_dtype``)."""
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+               names: tuple[str | None, str | None] = (None, None),
+               use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
+               kernel_init: Initializer | None = None):
+    init = kernel_init or nnx.initializers.normal(in_features ** -0.5)
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    self.kernel = param(rngs, init, (in_features, out_features), param_dtype, names)
+    self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), param_dtype,
+                       names[1:]) if use_bias else None)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """Token embedding E [vocab, d] ~ N(0, 1/d).
+
+  ``__call__`` returns sqrt(d) * E[ids] (unit-scale inputs, as Gemma) and
+  ``attend`` the tied logits x @ E^T (unit-scale at initialisation).
+  """
+
+  def __init__(self, vocab_size: int, features: int, *, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    self.dtype = dtype
+    self.embedding = param(rngs, nnx.initializers.normal(features ** -0.5),
+                           (vocab_size, features), param_dtype, ("vocab", "embed"))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    x = jnp.take(self.embedding[...], ids, axis=0)
+    return (x * self.embedding.shape[-1] ** 0.5).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+  """y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32.
+
+  Written out (not ``nnx.RMSNorm``) to keep the float32 statistics under
+  bf16 compute and to tag ``scale`` with a logical axis name.
+  """
+
+  def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps, self.dtype = eps, dtype
+    self.scale = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotate-half form.
+
+  For pairs (x_i, x_{i + D/2}) and angle p * theta^(-2i/D):
+    (x_i, x_{i+D/2}) -> (x_i cos - x_{i+D/2} sin, x_{i+D/2} cos + x_i sin).
+
+  Args:
+    x: [B, T, H, D] with D even.
+    positions: [B, T] integer positions.
+  """
+  half = x.shape[-1] // 2
+  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions[..., None, None].astype(jnp.float32) * freq        # [B, T, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """Position of each token within its segment: [B, T] -> [B, T] (0 at each start)."""
+  T = segment_ids.shape[-1]
+  idx = jnp.broadcast_to(jnp.arange(T), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[..., :1], bool),
+       segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
+class GatedMLP(nnx.Module):
+  """SwiGLU (Shazeer 2020): down(act(x W_gate) * (x W_up))."""
+
+  def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs,
+               activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
+               dtype=jnp.float32, param_dtype=jnp.float32):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.activation = activation
+    self.gate_proj = Dense(d_model, hidden, names=("embed", "mlp"), **kw)
+    self.up_proj = Dense(d_model, hidden, names=("embed", "mlp"), **kw)
+    self.down_proj = Dense(hidden, d_model, names=("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.activation(self.gate_proj(x)) * self.up_proj(x)
+    return self.down_proj(constrain(h, ("batch", "seq", "mlp")))

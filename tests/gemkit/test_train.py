@@ -1,0 +1,135 @@
+"""Training: loss goes down, exact resume, accumulation, schedules, sharding."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemkit import optim, train
+from tests.helpers import tiny_config
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _params(trainer):
+  return jax.device_get(trainer.state.params)
+
+
+def test_loss_decreases_on_the_default_corpus(tmp_path):
+  cfg = tiny_config(**{"train.steps": 40, "train.log_every": 5, "train.lr": 3e-3,
+                       "train.checkpoint_every": 1000})
+  trainer = train.Trainer(cfg, tmp_path)
+  before = trainer.evaluate()
+  logs = [r for r in trainer.run() if r["split"] == "train"]
+  after = trainer.evaluate()
+  trainer.close()
+  assert logs[-1]["loss"] < 0.75 * logs[0]["loss"]
+  assert after["loss"] < before["loss"] - 1.0
+  assert 0 < after["bpb"] < before["bpb"]
+
+
+def test_exact_resume_is_bit_equal(tmp_path):
+  cfg = tiny_config(tmp_path, **{"model.dropout_rate": 0.1})   # dropout: RNG must resume too
+  straight = train.Trainer(cfg, tmp_path / "straight")
+  straight.run()
+  straight.close()
+  first = train.Trainer(cfg, tmp_path / "split")
+  first.run(steps=4)
+  first.close()
+  second = train.Trainer(cfg, tmp_path / "split")            # a fresh process would do this
+  assert second.resumed_from == 4
+  second.run()
+  second.close()
+  chex.assert_trees_all_equal(_params(straight), _params(second))
+  chex.assert_trees_all_equal(jax.device_get(straight.state.opt_state),
+                              jax.device_get(second.state.opt_state))
+  curve = lambda d: [(r["step"], r["loss"]) for r in map(json.loads, open(d / "metrics.jsonl"))
+                     if r["split"] == "train"]
+  assert curve(tmp_path / "straight") == curve(tmp_path / "split")
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+  a = train.Trainer(tiny_config(tmp_path), tmp_path / "a")
+  b = train.Trainer(tiny_config(tmp_path, **{"train.grad_accum": 4}), tmp_path / "b")
+  batch = next(a.data_iter)
+  for t in (a, b):
+    t.state, t.metrics = t._train_step(t.state, t._device_batch(batch))
+  np.testing.assert_allclose(a.metrics["loss"], b.metrics["loss"], rtol=1e-6)
+  chex.assert_trees_all_close(_params(a), _params(b), rtol=1e-5, atol=1e-6)
+  a.close(), b.close()
+
+
+@pytest.mark.parametrize("decay,expected_end", [("linear", 0.1), ("cosine", 0.1),
+                                                ("exp", 0.1), ("sqrt", 0.1)])
+def test_wsd_schedule_shape(decay, expected_end):
+  s = optim.wsd_schedule(1.0, total_steps=100, warmup_steps=10, decay_fraction=0.2,
+                         decay=decay, min_ratio=0.1)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(50), s(80)], [0, 0.5, 1, 1, 1], atol=1e-6)
+  assert s(90) < 1.0
+  np.testing.assert_allclose(s(100), expected_end, rtol=1e-5)
+  values = np.array([s(i) for i in range(80, 101)])
+  assert np.all(np.diff(values) <= 1e-7)
+
+
+def test_no_weight_decay_on_vectors():
+  mask = optim.decay_mask({"w": jnp.ones((3, 4)), "scale": jnp.ones(4)})
+  assert mask == {"w": True, "scale": False}
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from gemkit import train
+from tests.helpers import tiny_config
+mesh = dict(zip(("data", "fsdp", "tensor"), map(int, sys.argv[2].split(","))))
+cfg = tiny_config(**{"train.steps": 2, "train.checkpoint_every": 100,
+                     **{f"mesh.{k}": v for k, v in mesh.items()}})
+t = train.Trainer(cfg, sys.argv[1])
+losses = [r["loss"] for r in t.run() if r["split"] == "train"]
+leaves = jax.tree.leaves(jax.device_get(t.state.params))
+shardings = {str(x.sharding.spec) for x in jax.tree.leaves(t.state.params)}
+np.savez(sys.argv[1] + "/params.npz", *leaves)
+print(json.dumps({"devices": jax.device_count(), "losses": losses, "specs": sorted(shardings)}))
+"""
+
+
+def _run_sharded(workdir, mesh, devices):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(workdir), mesh],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  params = np.load(workdir / "params.npz")
+  return result, [params[k] for k in sorted(params.files, key=lambda s: int(s.split("_")[1]))]
+
+
+def test_sharded_step_on_8_devices_equals_1_device(tmp_path):
+  (tmp_path / "one").mkdir()
+  (tmp_path / "eight").mkdir()
+  one, p1 = _run_sharded(tmp_path / "one", "1,1,1", 1)
+  eight, p8 = _run_sharded(tmp_path / "eight", "2,2,2", 8)
+  assert eight["devices"] == 8
+  assert any("fsdp" in s and "tensor" in s for s in eight["specs"])  # really sharded
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  for a, b in zip(p1, p8):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_load_round_trip_gives_identical_logits(tmp_path):
+  import gemkit  # pylint: disable=g-import-not-at-top
+  cfg = tiny_config(tmp_path, **{"train.steps": 4})
+  trainer = train.Trainer(cfg, tmp_path / "run")
+  trainer.run()
+  trainer.close()
+  model, loaded_cfg = gemkit.load(tmp_path / "run")
+  assert loaded_cfg.model.to_dict() == cfg.model.to_dict()
+  tokens = jnp.arange(24).reshape(2, 12) % 259
+  np.testing.assert_array_equal(model(tokens), trainer.model()(tokens))
