@@ -13,6 +13,11 @@ estimator). The weight gets no gradient: integer leaves get ``float0``
 cotangents and float leaves (scales, fp8 values) get zeros, so a frozen
 quantized base can be trained through (QLoRA). To learn scales, call
 ``dequantize`` under autodiff instead.
+
+jit and vmap work through every public function and ``impl`` (vmapping a
+kernel adds a grid axis). One exception from jax 0.10.2 itself: a vmapped
+TPU kernel cannot run in TPU *interpret* mode (its batching rule leaves
+``dimension_semantics`` one entry short); it lowers for a real TPU.
 """
 
 from __future__ import annotations

@@ -73,10 +73,11 @@ def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
 
 def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool,
                         x_dtype, device_kind: str) -> tuple[int, int, int]:
-  """(bm, bn, bk): the tuned entry for ``device_kind``, else a heuristic."""
-  del k, x_dtype
-  if device_kind in TUNED_BLOCK_SIZES:
-    return TUNED_BLOCK_SIZES[device_kind]
+  """(bm, bn, bk): the tuned entry for ``device_kind`` if it fits, else a heuristic."""
+  tuned = TUNED_BLOCK_SIZES.get(device_kind)
+  if tuned and block_sizes_error(*tuned, m=m, k=k, n=n, group_size=group_size,
+                                 packed=packed, x_dtype=x_dtype) is None:
+    return tuned
   bm = min(64, max(16, 1 << (max(m, 1) - 1).bit_length()))
   bn = next((b for b in (128, 64, 32, 16) if n % b == 0), n)
   bk = group_size if packed else next(

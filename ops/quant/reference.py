@@ -103,7 +103,7 @@ _QMAX = {"int8": 127.0, "fp8": 448.0}
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class QuantizedWeight:
   """A quantized ``[K, N]`` weight: a pytree of storage arrays + static metadata.
 
@@ -120,9 +120,9 @@ class QuantizedWeight:
   zeros: jax.Array | None = None
   scale_scales: jax.Array | None = None
   scale_offset: jax.Array | None = None
-  fmt: str = dataclasses.field(default="int8", metadata=dict(static=True))
-  shape: tuple[int, int] = dataclasses.field(default=(0, 0), metadata=dict(static=True))
-  group_size: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+  fmt: str = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+  group_size: int | None = dataclasses.field(metadata=dict(static=True))
   axis: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property

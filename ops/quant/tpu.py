@@ -53,7 +53,7 @@ X_DTYPES = (jnp.float32, jnp.bfloat16)
 TUNED_BLOCK_SIZES: dict[str, tuple[int, int, int]] = {}
 # device_kind -> predicate "this kernel beat XLA here"; empty: never measured.
 MEASURED_FASTER: dict[str, Callable[[], bool]] = {}
-_MAX_TILE_BYTES = 8 * 2**20  # float32 dequantized [bk, bn] tile
+_MAX_TILE_BYTES = 4 * 2**20  # float32 dequantized [bk, bn] tile (VMEM budget)
 
 
 def _sublanes(dtype) -> int:
@@ -82,14 +82,16 @@ def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
 
 def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool,
                         x_dtype, device_kind: str) -> tuple[int, int, int]:
-  """(bm, bn, bk): the tuned entry for ``device_kind``, else a heuristic."""
-  if device_kind in TUNED_BLOCK_SIZES:
-    return TUNED_BLOCK_SIZES[device_kind]
+  """(bm, bn, bk): the tuned entry for ``device_kind`` if it fits, else a heuristic."""
+  tuned = TUNED_BLOCK_SIZES.get(device_kind)
+  if tuned and block_sizes_error(*tuned, m=m, k=k, n=n, group_size=group_size,
+                                 packed=packed, x_dtype=x_dtype) is None:
+    return tuned
   bm = min(256, round_up(max(m, 1), _sublanes(x_dtype)))
-  bn = next((b for b in (512, 256, 128) if n % b == 0), n)
   step = math.lcm(128, group_size) if packed else 128
   fits = lambda b: k % b == 0 and (packed or b % group_size == 0 or group_size % b == 0)
   bk = next((b for b in range(max(512, step) // step * step, 0, -step) if fits(b)), k)
+  bn = next((b for b in (512, 256, 128) if n % b == 0 and bk * b * 4 <= _MAX_TILE_BYTES), n)
   return bm, bn, bk
 
 
