@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eps = 1e-8
   c.train.weight_decay = 0.1
   c.train.grad_clip = 1.0
+  c.train.max_nonfinite_steps = 10  # skipped NaN/inf steps in a row before stopping; 0: never
   c.train.log_every = 10
   c.train.eval_every = 200
   c.train.checkpoint_every = 100
@@ -64,8 +65,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.sample_prompt = "def "
   c.train.sample_tokens = 120
 
+  # Mesh axis = per-slice (ICI) size x cross-slice (DCN) size; see gemkit/sharding.py.
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                  # -1: all remaining devices
+  c.mesh.data = -1                  # -1: the devices of a slice left over
   c.mesh.fsdp = 1
+  c.mesh.sequence = 1               # splits data.seq_len (model families that support it)
   c.mesh.tensor = 1
+  c.mesh.dcn_data = 1               # across TPU slices (or processes, on GPU/CPU); -1: the rest
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_sequence = 1
+  c.mesh.dcn_tensor = 1
   return c

@@ -146,9 +146,35 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must be in [0, 1], got {t.decay_fraction}")
   _require(t.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
   _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-  for key in ("data", "fsdp", "tensor"):
-    v = config.mesh[key]
-    _require(v == -1 or v > 0, f"mesh.{key}", f"must be -1 or > 0, got {v}")
+  _require(t.get("max_nonfinite_steps", 0) >= 0, "train.max_nonfinite_steps",
+           f"must be >= 0 (0: never stop), got {t.get('max_nonfinite_steps')}")
+  _validate_mesh(config)
+
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+# Model families whose layers are correct with the sequence axis split.
+SEQUENCE_PARALLEL_FAMILIES = ("transformer",)
+
+
+def _validate_mesh(config: ml_collections.ConfigDict) -> None:
+  """Per-slice (mesh.<axis>) and cross-slice (mesh.dcn_<axis>) sizes; absent keys are 1."""
+  mesh = config.mesh
+  for prefix in ("", "dcn_"):
+    keys = [prefix + a for a in MESH_AXES]
+    for key in keys:
+      v = mesh.get(key, 1)
+      _require(isinstance(v, int) and (v == -1 or v > 0), f"mesh.{key}",
+               f"must be -1 or > 0, got {v!r}")
+    _require([mesh.get(k, 1) for k in keys].count(-1) <= 1, "mesh",
+             f"at most one of {keys} may be -1")
+  sequence = mesh.get("sequence", 1) * mesh.get("dcn_sequence", 1)
+  if sequence != 1:
+    _require(config.model.family in SEQUENCE_PARALLEL_FAMILIES, "mesh.sequence",
+             f"model.family={config.model.family!r} does not support sequence "
+             f"parallelism (supported: {SEQUENCE_PARALLEL_FAMILIES})")
+    _require(sequence < 0 or config.data.seq_len % sequence == 0, "mesh.sequence",
+             f"mesh.sequence x mesh.dcn_sequence = {sequence} must divide "
+             f"data.seq_len={config.data.seq_len}")
 
 
 def define_config_flag(default: str = DEFAULT_CONFIG):

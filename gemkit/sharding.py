@@ -1,61 +1,139 @@
-"""Device mesh over (data, fsdp, tensor) and logical-axis sharding rules.
+"""Device mesh, logical-axis sharding rules, multi-process start-up and shard_map.
 
-Parameters carry logical axis names (``models.layers.param``); ``RULES`` maps
-them onto mesh axes:
+The mesh has the axes ``(data, fsdp, sequence, tensor)``. Each axis has a
+per-slice size (ICI: the fast links inside one TPU slice or one GPU host;
+``config.mesh.data`` ...) and a cross-slice size (DCN: the data-centre network
+between slices; ``config.mesh.dcn_data`` ...). The mesh axis is their product:
+
+    mesh[a] = mesh.<a> * mesh.dcn_<a>          a in data, fsdp, sequence, tensor
+
+One ICI size may be -1 (the devices of a slice left over) and one DCN size may
+be -1 (the slices left over). A "slice" is a TPU slice (``device.slice_index``);
+on GPU and CPU it is one process when any DCN size is not 1, and the whole job
+otherwise. Cross-slice axes are outermost, so only the cheap collectives of
+data parallelism (and FSDP if asked) cross the DCN.
+
+Parameters and activations carry logical axis names (``models.layers.param``,
+``models.layers.constrain``); ``RULES`` maps them onto mesh axes:
 
   batch    -> (data, fsdp)   activations' batch is split over both
+  seq      -> sequence       sequence parallelism (model families that support it)
   embed    -> fsdp           parameters are fully sharded along d_model
   heads, kv_heads, mlp, vocab -> tensor   (Megatron-style tensor parallelism)
 
-A name with no rule (seq, head_dim, ...) is replicated.
+A name with no rule (head_dim, ...) is replicated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
-from typing import Any, Iterator
+import os
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 from flax import linen, nnx
 from flax.core import spmd
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gemkit.config import ConfigError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "sequence", "tensor")
 RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
+    ("seq", "sequence"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("vocab", "tensor"),
 )
+# Environment variables read by initialize_distributed (flags take precedence).
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = (
+    "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Sizes of (data, fsdp, tensor); one -1 takes the devices left over."""
-  sizes = [int(mesh_cfg[a]) for a in AXES]
+# --- mesh ---------------------------------------------------------------------
+
+
+def axis_sizes(mesh_cfg, prefix: str = "") -> tuple[int, ...]:
+  """The configured (data, fsdp, sequence, tensor) sizes; absent keys are 1."""
+  return tuple(int(mesh_cfg.get(prefix + a, 1)) for a in AXES)
+
+
+def _resolve(sizes: Sequence[int], total: int, prefix: str, what: str) -> tuple[int, ...]:
+  named = {prefix + a: s for a, s in zip(AXES, sizes)}
+  sizes = list(sizes)
   if sizes.count(-1) > 1:
-    raise ConfigError("mesh", f"at most one axis may be -1, got {dict(zip(AXES, sizes))}")
+    raise ConfigError("mesh", f"at most one of {list(named)} may be -1, got {named}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if num_devices % known:
-      raise ConfigError("mesh", f"{dict(zip(AXES, sizes))} does not divide "
-                        f"{num_devices} devices")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ConfigError("mesh", f"{dict(zip(AXES, sizes))} needs {math.prod(sizes)} "
-                      f"devices, have {num_devices}")
+    if total % known:
+      raise ConfigError("mesh", f"{named} does not divide the {total} {what}")
+    sizes[sizes.index(-1)] = total // known
+  if math.prod(sizes) != total:
+    raise ConfigError("mesh", f"{named} needs {math.prod(sizes)} {what}, have {total}")
   return tuple(sizes)
 
 
+def num_slices(devices: Sequence[Any], mesh_cfg) -> int:
+  """TPU slices among ``devices``; elsewhere processes if any DCN size != 1, else 1."""
+  if hasattr(devices[0], "slice_index"):
+    return len({d.slice_index for d in devices})
+  if axis_sizes(mesh_cfg, "dcn_") == (1,) * len(AXES):
+    return 1
+  return len({d.process_index for d in devices})
+
+
+def mesh_shapes(mesh_cfg, num_devices: int,
+                slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(per-slice, cross-slice) sizes of (data, fsdp, sequence, tensor), -1 resolved."""
+  dcn = _resolve(axis_sizes(mesh_cfg, "dcn_"), slices, "dcn_", "slices")
+  if slices > 1 and math.prod(dcn) == 1:
+    raise ConfigError("mesh", f"the devices form {slices} slices but the mesh.dcn_* sizes "
+                      "multiply to 1; set e.g. mesh.dcn_data=-1")
+  if num_devices % slices:
+    raise ConfigError("mesh", f"{num_devices} devices do not split into {slices} "
+                      "equal slices")
+  ici = _resolve(axis_sizes(mesh_cfg), num_devices // slices, "", "devices per slice")
+  return ici, dcn
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """Sizes of the mesh axes (data, fsdp, sequence, tensor) on one slice."""
+  return mesh_shapes(mesh_cfg, num_devices)[0]
+
+
+def device_grid(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
+  """Devices arranged as the mesh [data, fsdp, sequence, tensor]."""
+  slices = num_slices(devices, mesh_cfg)
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices), slices)
+  try:
+    if slices > 1:
+      return mesh_utils.create_hybrid_device_mesh(
+          ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"),
+          allow_split_physical_axes=True)
+    return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    raise ConfigError("mesh", f"cannot lay out per-slice {dict(zip(AXES, ici))} x "
+                      f"cross-slice {dict(zip(AXES, dcn))} on {len(devices)} "
+                      f"{devices[0].device_kind} devices: {e}") from None
+
+
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(mesh_cfg, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), AXES)
+  """The Mesh of ``config.mesh`` over ``devices`` (default: all devices of the job)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return Mesh(device_grid(mesh_cfg, devices), AXES)
+
+
+def describe(mesh: Mesh) -> str:
+  """e.g. ``data=2 fsdp=4 sequence=1 tensor=1 (8 devices, 2 processes)``."""
+  axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+  processes = len({d.process_index for d in mesh.devices.flat})
+  return f"{axes} ({mesh.devices.size} devices, {processes} process(es))"
 
 
 @contextlib.contextmanager
@@ -65,11 +143,16 @@ def activate(mesh: Mesh) -> Iterator[None]:
     yield
 
 
+def logical_spec(names) -> P:
+  """PartitionSpec of a value whose dims have logical ``names`` (None: replicated)."""
+  if names is None:
+    return P()
+  return linen.logical_to_mesh_axes(tuple(names), RULES)
+
+
 def logical_sharding(mesh: Mesh, names) -> NamedSharding:
   """NamedSharding of a value whose dims have logical ``names`` (None: replicated)."""
-  if names is None:
-    return NamedSharding(mesh, P())
-  return NamedSharding(mesh, linen.logical_to_mesh_axes(tuple(names), RULES))
+  return NamedSharding(mesh, logical_spec(names))
 
 
 def param_shardings(params: nnx.State, mesh: Mesh) -> Any:
@@ -79,5 +162,159 @@ def param_shardings(params: nnx.State, mesh: Mesh) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch arrays [B, ...]: B split over (data, fsdp)."""
-  return NamedSharding(mesh, P(("data", "fsdp")))
+  """Batch arrays [B, T]: B split over (data, fsdp), T over sequence."""
+  return logical_sharding(mesh, ("batch", "seq"))
+
+
+def check_batch(mesh: Mesh, batch_size: int, seq_len: int) -> None:
+  """ConfigError unless a [batch_size, seq_len] batch splits evenly over the mesh
+  and each process holds whole rows of its own (what its data pipeline reads)."""
+  rows = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % rows:
+    raise ConfigError("train.batch_size", f"{batch_size} rows do not split over the "
+                      f"data x fsdp = {rows} devices of the mesh")
+  if seq_len % mesh.shape["sequence"]:
+    raise ConfigError("data.seq_len", f"{seq_len} does not split over the "
+                      f"sequence = {mesh.shape['sequence']} devices of the mesh")
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  if len(processes) == 1:
+    return
+  index_map = batch_sharding(mesh).devices_indices_map((batch_size, seq_len))
+  owned: dict[int, set[int]] = {p: set() for p in processes}
+  for device, (row_slice, col_slice) in index_map.items():
+    owned[device.process_index].update(range(*row_slice.indices(batch_size)))
+  share = batch_size // len(processes)
+  if any(len(r) != share for r in owned.values()):
+    raise ConfigError("mesh", f"each of the {len(processes)} processes reads its own "
+                      f"{share} rows of the batch, so the batch axes (data x fsdp, "
+                      f"{dict(mesh.shape)}) must split the batch across processes; "
+                      "put the cross-process (dcn_*) parallelism on data or fsdp")
+
+
+# --- multi-process start-up -----------------------------------------------------
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value in (None, ""):
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise ConfigError(name, f"must be an integer, got {value!r}") from None
+
+
+def _cluster_detected() -> str | None:
+  """The multi-process environment jax can configure itself from, if any."""
+  try:
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    if getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
+      return "Cloud TPU VM"
+  except ImportError:  # pragma: no cover
+    pass
+  slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+           "SLURM_LOCALID")
+  if all(v in os.environ for v in slurm) and int(os.environ["SLURM_NTASKS"]) > 1:
+    return "SLURM"
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1 and (
+      "OMPI_MCA_orte_hnp_uri" in os.environ):
+    return "Open MPI"
+  return None
+
+
+def _backends_initialized() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # pragma: no cover
+    return False
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> bool:
+  """Starts ``jax.distributed`` when this is one process of a multi-process job.
+
+  In order: explicit arguments (the launchers' ``--coordinator_address``,
+  ``--num_processes``, ``--process_id``), else the environment variables
+  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; else
+  jax's own detection on a Cloud TPU VM (every worker of a pod), under SLURM
+  (``srun`` with more than one task) or Open MPI. Otherwise, a single process:
+  nothing to do. Must run before anything touches a device; a second call is
+  a no-op. Returns whether ``jax.distributed`` is initialized.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES)
+  process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID)
+  explicit = (coordinator_address, num_processes, process_id) != (None, None, None)
+  cluster = None if explicit else _cluster_detected()
+  if not explicit and cluster is None:
+    return False
+  if explicit and num_processes == 1:
+    return False
+  if _backends_initialized():
+    if explicit:
+      raise RuntimeError("initialize_distributed() must run before any jax computation "
+                         "(jax.devices(), jit, ...) in this process")
+    logging.info("gemkit: %s detected but jax is already in use; not starting "
+                 "jax.distributed (single process)", cluster)
+    return False
+  if explicit:
+    missing = [name for name, value in (("coordinator address", coordinator_address),
+                                        ("number of processes", num_processes),
+                                        ("process id", process_id)) if value is None]
+    if missing and _cluster_detected() is None:
+      raise ConfigError("distributed", f"a multi-process run needs the {', '.join(missing)} "
+                        f"(--coordinator_address/--num_processes/--process_id or "
+                        f"${ENV_COORDINATOR}/${ENV_NUM_PROCESSES}/${ENV_PROCESS_ID})")
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  return True
+
+
+# --- per-shard ops ---------------------------------------------------------------
+
+
+def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None] | None],
+                 out_names: Any, *, mesh: Mesh | None = None) -> Callable[..., Any]:
+  """``fn`` run on each device's block of its arguments, split by logical names.
+
+  For a kernel (a Pallas call) that must see whole arrays, this runs it
+  per shard under ``jax.shard_map`` instead of letting XLA gather its inputs:
+  argument ``i``'s dims are split over the mesh axes that ``RULES`` maps
+  ``in_names[i]`` to (e.g. ``("batch", None, "heads", None)`` for attention
+  inputs [B, T, H, D] splits B over (data, fsdp) and H over tensor), and the
+  outputs are reassembled by ``out_names`` (one tuple of names per output,
+  matching ``fn``'s output structure). A name of None (or no rule) keeps that
+  dim whole on every device.
+
+  ``fn`` must be independent along every split dim (rows of a batch, heads):
+  a per-shard call then equals the unsharded one. With no mesh given and none
+  active (``activate``), this is ``fn`` itself.
+
+  Raises:
+    ValueError: a split dim is not divisible by its number of shards.
+  """
+  in_specs = tuple(logical_spec(n) for n in in_names)
+  out_specs = jax.tree.map(logical_spec, out_names,
+                           is_leaf=lambda x: x is None or isinstance(x, tuple))
+
+  def wrapped(*args):
+    active = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
+    if active is None or active.empty:
+      return fn(*args)
+    if len(args) != len(in_specs):
+      raise ValueError(f"in_names has {len(in_specs)} entries, got {len(args)} arguments")
+    for i, (x, spec) in enumerate(zip(args, in_specs)):
+      for dim, axes in enumerate(spec):
+        shards = math.prod(active.shape[a] for a in
+                           ((axes,) if isinstance(axes, str) else axes or ()))
+        if x.shape[dim] % shards:
+          raise ValueError(f"argument {i}: dim {dim} ({in_names[i][dim]}) has size "
+                           f"{x.shape[dim]}, not divisible by its {shards} shards "
+                           f"(mesh axes {axes})")
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)
+
+  return wrapped

@@ -11,10 +11,19 @@ the token-weighted mean gradient
 so accumulation gives the same update as one big batch. The loss masks
 padding and targets in another document than their input (packed segments).
 Dropout keys are ``fold_in(rng, step)``, so a resumed run draws the same ones.
+A step whose loss or gradient norm is not finite leaves the parameters and
+optimizer state as they were (decided inside the jitted step, no host sync)
+and is counted; ``train.max_nonfinite_steps`` such steps in a row stop the run
+without saving, so the last checkpoint is the last good one.
 
 ``Trainer`` is the loop ``launch.train`` runs and notebooks drive:
 ``Trainer(config, workdir).run(steps=100)`` trains 100 more steps (resuming
 from the workdir's last checkpoint, if any) and returns the logged metrics.
+On several processes (TPU pod workers, SLURM tasks) every process runs the
+same Trainer: each reads its own rows of every global batch, and all of them
+write their shards of each checkpoint. SIGTERM (a preemption notice) saves a
+checkpoint at the next step boundary, agreed by all processes, and exits with
+status 0; running the same command again resumes from it.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import math
 import os
 import pathlib
 import signal
+import threading
 import time
 from typing import Any
 
@@ -35,6 +45,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 import models
 from gemkit import checkpoint as ckpt_lib
@@ -49,11 +60,25 @@ LN2 = math.log(2.0)
 
 @flax.struct.dataclass
 class TrainState:
-  step: jax.Array        # int32 scalar: optimizer updates done
+  step: jax.Array        # int32 scalar: train steps taken (batches consumed)
   params: Any            # pure dict of trainable parameters
   frozen: Any            # pure dict of non-trained variables (e.g. a frozen base)
   opt_state: Any
   rng: jax.Array         # uint32 key data
+  nonfinite_run: Any = None    # int32 scalar: skipped (non-finite) steps in a row
+  nonfinite_total: Any = None  # int32 scalar: skipped steps in all (None: not counted)
+
+
+class NonFiniteError(FloatingPointError):
+  """``train.max_nonfinite_steps`` steps in a row had a non-finite loss or gradient."""
+
+
+class Preempted(SystemExit):
+  """Raised by ``Trainer.run`` after SIGTERM, once the step is saved; exit status 0."""
+
+  def __init__(self, step: int):
+    super().__init__(0)
+    self.step = step
 
 
 def split_model(model: nnx.Module, trainable=nnx.Param):
@@ -81,7 +106,12 @@ def _loss_sums(graphdef, params, frozen, batch, key, deterministic):
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int, deterministic: bool):
-  """One optimizer update on ``batch`` (arrays [B, T]); returns (state, metrics)."""
+  """One optimizer update on ``batch`` (arrays [B, T]); returns (state, metrics).
+
+  If the loss or the gradient norm is not finite the update is skipped
+  (params and optimizer state unchanged, ``step`` still advances past the
+  batch) and the state's non-finite counters, when present, count it.
+  """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
@@ -101,11 +131,22 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
       accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
   denom = jnp.maximum(count, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
+  loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
-             "lr": schedule(state.step), "tokens": count}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  skipped = jnp.logical_not(finite).astype(jnp.int32)
+  state = state.replace(step=state.step + 1,
+                        params=keep_if_bad(params, state.params),
+                        opt_state=keep_if_bad(opt_state, state.opt_state))
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - 1),
+             "tokens": count, "skipped": skipped}
+  if state.nonfinite_run is not None:
+    state = state.replace(nonfinite_run=(state.nonfinite_run + 1) * skipped,
+                          nonfinite_total=state.nonfinite_total + skipped)
+    metrics.update(nonfinite_run=state.nonfinite_run, skipped_total=state.nonfinite_total)
+  return state, metrics
 
 
 def eval_step(params, frozen, batch, *, graphdef) -> dict:
@@ -142,6 +183,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                writer: metrics_lib.MetricWriter | None = None):
     validate(config)
+    sharding_lib.initialize_distributed()   # a no-op unless this is one of several processes
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +191,7 @@ class Trainer:
         self.workdir, tensorboard=config.train.tensorboard,
         is_main=jax.process_index() == 0)
     self.mesh = sharding_lib.make_mesh(config.mesh)
+    sharding_lib.check_batch(self.mesh, config.train.batch_size, config.data.seq_len)
     self.corpus = data_lib.Corpus.from_config(config.data)
     self.tx, self.schedule = optim.make_optimizer(config.train)
     self._build_state()
@@ -177,7 +220,9 @@ class Trainer:
       _, params, frozen = split_model(model)
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                         opt_state=self.tx.init(params),
-                        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)))
+                        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
+                        nonfinite_run=jnp.zeros((), jnp.int32),
+                        nonfinite_total=jnp.zeros((), jnp.int32))
 
     with sharding_lib.activate(self.mesh):
       shapes = jax.eval_shape(functools.partial(init, cfg.seed))
@@ -186,7 +231,8 @@ class Trainer:
       opt_sh = optax.tree_map_params(self.tx, lambda _, sh: sh, shapes.opt_state, param_sh,
                                      transform_non_params=lambda _: replicated)
       self.state_sharding = TrainState(step=replicated, params=param_sh, frozen=frozen_sh,
-                                       opt_state=opt_sh, rng=replicated)
+                                       opt_state=opt_sh, rng=replicated,
+                                       nonfinite_run=replicated, nonfinite_total=replicated)
       self.state = jax.jit(functools.partial(init, cfg.seed),
                            out_shardings=self.state_sharding)()
     self.num_params = count_params(self.state.params) + count_params(self.state.frozen)
@@ -197,12 +243,14 @@ class Trainer:
                              schedule=self.schedule, grad_accum=cfg.train.grad_accum,
                              deterministic=cfg.model.dropout_rate == 0.0)
     batch_sh = sharding_lib.batch_sharding(self.mesh)
+    replicated = sharding_lib.logical_sharding(self.mesh, None)  # scalars every process reads
     self._train_step = jax.jit(step, donate_argnums=0,
                                in_shardings=(self.state_sharding, batch_sh),
-                               out_shardings=(self.state_sharding, None))
+                               out_shardings=(self.state_sharding, replicated))
     self._eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef),
                               in_shardings=(self.state_sharding.params,
-                                            self.state_sharding.frozen, batch_sh))
+                                            self.state_sharding.frozen, batch_sh),
+                              out_shardings=replicated)
     self.batch_sharding = batch_sh
 
   def meta(self) -> dict:
@@ -237,9 +285,20 @@ class Trainer:
     """The current model (parameters merged into the NNX module)."""
     return merge_model(self.graphdef, self.state.params, self.state.frozen)
 
+  @property
+  def skipped_steps(self) -> int:
+    """Steps skipped so far because their loss or gradients were not finite."""
+    return int(jax.device_get(self.state.nonfinite_total))
+
   def _device_batch(self, batch: dict) -> dict:
-    return jax.make_array_from_process_local_data(self.batch_sharding, batch) \
-        if jax.process_count() > 1 else jax.device_put(batch, self.batch_sharding)
+    """Global arrays [B, T] from this process's rows (a train batch: B / processes
+    rows) or from the whole batch that every process holds (an eval batch)."""
+    if jax.process_count() == 1:
+      return jax.device_put(batch, self.batch_sharding)
+    rows = self.config.train.batch_size
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
+                                                      (rows,) + v.shape[1:])
+            for k, v in batch.items()}
 
   def evaluate(self, max_windows: int | None = None) -> dict:
     """Held-out loss and bits-per-byte over disjoint windows of seq_len."""
@@ -259,8 +318,12 @@ class Trainer:
   def run(self, steps: int | None = None) -> list[dict]:
     """Trains ``steps`` more steps (default: up to ``train.steps``); returns logged metrics.
 
-    Checkpoints every ``train.checkpoint_every`` steps and at the end; on
-    Ctrl-C (or SIGTERM) it saves the current step before re-raising.
+    Checkpoints every ``train.checkpoint_every`` steps and at the end. SIGTERM
+    or Ctrl-C stop the run at the next step boundary with a checkpoint of
+    that step: SIGTERM then raises :class:`Preempted` (exit status 0), Ctrl-C
+    ``KeyboardInterrupt`` (a second Ctrl-C aborts at once, without saving).
+    ``train.max_nonfinite_steps`` non-finite steps in a row raise
+    :class:`NonFiniteError` without saving.
     """
     t = self.config.train
     start = self.step
@@ -269,60 +332,124 @@ class Trainer:
     logged: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
     run_start = time.perf_counter()
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt) \
-        if _on_main_thread() else None
-    try:
-      with sharding_lib.activate(self.mesh):
-        for step in range(start, end):
-          batch = self._device_batch(next(self.data_iter))
-          self.state, metrics = self._train_step(self.state, batch)
-          window_steps += 1
-          done = step + 1
-          if done % t.log_every == 0 or done == end:
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            now = time.perf_counter()
-            rate = window_steps * tokens_per_step / (now - window_start)
-            window_start, window_steps = now, 0
-            eta = (end - done) * tokens_per_step / rate
-            record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                      "lr": metrics["lr"], "tokens_per_sec": rate}
-            self.writer.write(done, "train", record)
-            logged.append({"step": done, "split": "train", **record})
-            self.writer.progress(
-                f"step {done}/{end}  loss {metrics['loss']:.4f}  "
-                f"{rate:,.0f} tok/s  elapsed {metrics_lib.format_duration(now - run_start)}"
-                f"  ETA {metrics_lib.format_duration(eta)}")
-          if done % t.eval_every == 0 or done == end:
-            ev = self.evaluate()
-            self.writer.write(done, "eval", ev)
-            logged.append({"step": done, "split": "eval", **ev})
-            self.writer.print(f"eval @ {done}: loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
-          if done % t.checkpoint_every == 0 or done == end:
-            self.save()
-    except KeyboardInterrupt:
-      self.writer.print(f"interrupted: saving step {self.step} to {self.checkpointer.directory}")
-      self.save(force=True)
-      self.checkpointer.wait()
-      raise
-    finally:
+    previous = None
+    with _StopSignals() as stop, sharding_lib.activate(self.mesh):
+      for step in range(start, end):
+        batch = self._device_batch(next(self.data_iter))
+        self.state, metrics = self._train_step(self.state, batch)
+        done = step + 1
+        if previous is not None:      # the step before has (nearly) finished: no stall
+          self._check_finite(*previous)
+        previous = (done, metrics)
+        window_steps += 1
+        if done % t.log_every == 0 or done == end:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          rate = window_steps * tokens_per_step / (now - window_start)
+          window_start, window_steps = now, 0
+          eta = (end - done) * tokens_per_step / rate
+          record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
+                    "lr": metrics["lr"], "tokens_per_sec": rate,
+                    "skipped_steps": int(metrics["skipped_total"])}
+          self.writer.write(done, "train", record)
+          logged.append({"step": done, "split": "train", **record})
+          skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
+          self.writer.progress(
+              f"step {done}/{end}  loss {metrics['loss']:.4f}  "
+              f"{rate:,.0f} tok/s  elapsed {metrics_lib.format_duration(now - run_start)}"
+              f"  ETA {metrics_lib.format_duration(eta)}{skipped}")
+        if done % t.eval_every == 0 or done == end:
+          ev = self.evaluate()
+          self.writer.write(done, "eval", ev)
+          logged.append({"step": done, "split": "eval", **ev})
+          self.writer.print(f"eval @ {done}: loss {ev['loss']:.4f}  bpb {ev['bpb']:.4f}")
+        saved = done % t.checkpoint_every == 0 or done == end
+        if saved:
+          self._check_finite(done, metrics)
+          self.save()
+        if stop.requested(done):
+          self._check_finite(done, metrics)
+          self.writer.print(f"{stop.reason}: saving step {done} to "
+                            f"{self.checkpointer.directory}")
+          if not saved:
+            self.save(force=True)
+          self.checkpointer.wait()
+          self.history += logged
+          stop.raise_exit(done)
       if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+        self._check_finite(*previous)
     self.checkpointer.wait()
     self.history += logged
     return logged
+
+  def _check_finite(self, step: int, metrics: dict) -> None:
+    """NonFiniteError once ``train.max_nonfinite_steps`` steps in a row were skipped."""
+    limit = self.config.train.get("max_nonfinite_steps", 0)
+    if not limit:
+      return
+    in_a_row = int(jax.device_get(metrics["nonfinite_run"]))
+    if in_a_row < limit:
+      return
+    self.checkpointer.wait()
+    last = self.checkpointer.latest_step()
+    raise NonFiniteError(
+        f"the loss or gradients were not finite for {in_a_row} steps in a row (steps "
+        f"{step - in_a_row + 1}..{step}, train.max_nonfinite_steps={limit}); stopped "
+        f"without saving: the last checkpoint is step {last} in {self.checkpointer.directory}")
 
   def close(self) -> None:
     self.checkpointer.close()
     self.writer.close()
 
 
-def _raise_interrupt(signum, frame):
-  raise KeyboardInterrupt(f"signal {signum}")
+class _StopSignals:
+  """SIGTERM and Ctrl-C as a request to stop at the next step boundary.
 
+  One process: Python handlers note the signal (a second Ctrl-C raises
+  KeyboardInterrupt at once). Several processes: jax's preemption service
+  (started by ``jax.distributed.initialize``) catches SIGTERM on any of them
+  and ``reached_preemption_sync_point`` turns True on all of them at the same
+  step, so they save that step together; Ctrl-C keeps its default there.
+  """
 
-def _on_main_thread() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
-  return threading.current_thread() is threading.main_thread()
+  def __init__(self):
+    self.signum: int | None = None
+    self.coordinated = jax.process_count() > 1
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "_StopSignals":
+    if not self.coordinated and threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._note)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+  def _note(self, signum, frame) -> None:
+    del frame
+    self.signum = signum
+    if signum == signal.SIGINT:   # a second Ctrl-C aborts at once
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def requested(self, step: int) -> bool:
+    if self.coordinated:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signum = signal.SIGTERM
+      except RuntimeError:   # jax's preemption service is disabled
+        pass
+    return self.signum is not None
+
+  @property
+  def reason(self) -> str:
+    return "preempted (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted"
+
+  def raise_exit(self, step: int) -> None:
+    if self.signum == signal.SIGTERM:
+      raise Preempted(step)
+    raise KeyboardInterrupt(f"interrupted at step {step}")
 
 
 def _data_identity(cfg) -> dict:
