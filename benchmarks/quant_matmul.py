@@ -9,11 +9,12 @@ three ways, side by side in one process:
 - ``pallas``: the Pallas kernel of this backend (``pallas_gpu`` on GPU,
   ``pallas_tpu`` on TPU), which dequantizes inside the kernel.
 
-Reported per row: median milliseconds over ``--iters`` runs after a
-compile-and-warm-up call, effective GB/s = (bytes of stored W + x + y) / time,
-its percentage of ``--peak_gbps`` (a number, or ``measure``: the read GB/s
-of a float32 sum over 256 MiB in this process), the speedup over the bf16 dot, and
-the relative error of the output against ``x @ dequantize(W)`` in float32.
+Reported per row: median and min milliseconds over ``--iters`` runs after a
+compile-and-warm-up call; from the median: effective GB/s = (bytes of stored
+W + x + y) / time, its percentage of ``--peak_gbps`` (a number, or
+``measure``: the read GB/s of a float32 sum over 256 MiB in this process),
+and the speedup over the bf16 dot; and the relative error of the output
+against ``x @ dequantize(W)`` in float32.
 
 On a CPU the kernels only run in interpret mode, which says nothing about
 speed: they are not timed; ``--kernel_check`` (default on) runs each kernel
@@ -58,14 +59,15 @@ FORMATS = {
 KERNEL_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 
 
-def _time_ms(fn, *args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
+def _time_ms(fn, *args, iters: int) -> tuple[float, float]:
+  """(median, min) milliseconds over ``iters`` calls after a compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(iters):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+  return statistics.median(times), min(times)
 
 
 def measure_peak_gbps(iters: int, mbytes: int = 256) -> float:
@@ -75,7 +77,7 @@ def measure_peak_gbps(iters: int, mbytes: int = 256) -> float:
   also count first-touch page faults of its fresh output on a CPU.
   """
   x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
-  ms = _time_ms(jax.jit(jnp.sum), x, iters=max(5, iters))
+  _, ms = _time_ms(jax.jit(jnp.sum), x, iters=max(5, iters))
   return x.nbytes / ms / 1e6
 
 
@@ -123,15 +125,16 @@ def run(args) -> dict:
   for m in [int(v) for v in args.m.split(",")]:
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     io_bytes = 2 * (m * k + m * n)
-    base_ms = _time_ms(dot, x, w_bf16, iters=args.iters)
+    base_ms, base_min = _time_ms(dot, x, w_bf16, iters=args.iters)
 
-    def row(name, impl, ms, w_bytes, err):
+    def row(name, impl, times, w_bytes, err):
+      ms, ms_min = times
       gbps = (w_bytes + io_bytes) / ms / 1e6
-      rows.append(dict(m=m, k=k, n=n, format=name, impl=impl, ms=ms, gbps=gbps,
+      rows.append(dict(m=m, k=k, n=n, format=name, impl=impl, ms=ms, ms_min=ms_min, gbps=gbps,
                        pct_peak=None if peak is None else 100 * gbps / peak,
                        speedup_vs_bf16=base_ms / ms, rel_err=err))
 
-    row("bf16", "jnp.dot", base_ms, k * n * 2, 0.0)
+    row("bf16", "jnp.dot", (base_ms, base_min), k * n * 2, 0.0)
     for name in names:
       _, _, act = FORMATS[name]
       qw = qws[name]
@@ -141,12 +144,12 @@ def run(args) -> dict:
         fn = jax.jit(lambda x, q, impl=impl, act=act: quant.quantized_matmul(
             x, q, act_fmt=act, impl=impl))
         try:
-          ms = _time_ms(fn, x, qw, iters=args.iters)
+          times = _time_ms(fn, x, qw, iters=args.iters)
         except ValueError as e:  # no kernel for this format
           rows.append(dict(m=m, k=k, n=n, format=name, impl=impl,
                            note=_no_kernel(e)))
           continue
-        row(name, impl, ms, qw.nbytes, _rel_err(fn(x, qw), ref))
+        row(name, impl, times, qw.nbytes, _rel_err(fn(x, qw), ref))
   checks = []
   if backend == "cpu" and args.kernel_check:
     for kern in ("pallas_tpu", "pallas_gpu"):
@@ -170,15 +173,15 @@ def print_table(result: dict) -> None:
   peak = result["peak_gbps"]
   peak = "n/a" if peak is None else f"{peak:.1f} GB/s ({result['peak_source']})"
   print(f"# {result['machine']} ({result['device_kind']}), jax {result['jax_version']}, peak {peak}")
-  print(f"{'M':>5} {'K':>5} {'N':>5}  {'format':<15} {'impl':<11} {'ms':>9} {'GB/s':>8} "
-        f"{'%peak':>6} {'vs bf16':>8} {'rel_err':>8}")
+  print(f"{'M':>5} {'K':>5} {'N':>5}  {'format':<15} {'impl':<11} {'ms(med)':>9} {'ms(min)':>9} "
+        f"{'GB/s':>8} {'%peak':>6} {'vs bf16':>8} {'rel_err':>8}")
   for r in result["rows"]:
     if "note" in r:
       print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {r['format']:<15} {r['impl']:<11} {r['note']}")
       continue
     pct = "" if r["pct_peak"] is None else f"{r['pct_peak']:.1f}"
     print(f"{r['m']:>5} {r['k']:>5} {r['n']:>5}  {r['format']:<15} {r['impl']:<11} "
-          f"{r['ms']:>9.3f} {r['gbps']:>8.2f} {pct:>6} {r['speedup_vs_bf16']:>7.2f}x "
+          f"{r['ms']:>9.3f} {r['ms_min']:>9.3f} {r['gbps']:>8.2f} {pct:>6} {r['speedup_vs_bf16']:>7.2f}x "
           f"{r['rel_err']:>8.1e}")
   if result["kernel_checks"]:
     print("\n# kernels on CPU: interpret mode, correctness only (not timed)")
