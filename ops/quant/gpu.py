@@ -79,7 +79,11 @@ def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool
                                  packed=packed, x_dtype=x_dtype) is None:
     return tuned
   bm = min(64, max(16, 1 << (max(m, 1) - 1).bit_length()))
-  bn = next((b for b in (128, 64, 32, 16) if n % b == 0), n)
+  # Untuned: the widest N tile that still gives >= 128 programs (an H100 has
+  # 132 SMs; small-M decode is otherwise a handful of programs), else 16.
+  m_blocks = -(-max(m, 1) // bm)
+  widths = [b for b in (128, 64, 32, 16) if n % b == 0] or [n]
+  bn = next((b for b in widths if m_blocks * (n // b) >= 128), widths[-1])
   bk = group_size if packed else next(
       (b for b in (128, 64, 32, 16) if group_size % b == 0), group_size)
   return bm, bn, bk
