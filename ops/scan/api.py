@@ -112,10 +112,10 @@ class ChunkBlockSizes:
     block_v: value columns per program (TPU: a multiple of 128, or all of V;
       GPU: a power of 2 >= 16). Programs over V tiles run in parallel; the
       decay-weighted scores are recomputed per tile.
-    sub_chunk: tokens per block of the per-key-dim (GLA) decay scores, which
-      are evaluated element-wise in log space ([sub, sub, K]). The kernels
-      step the state through sub-chunks of this size. Rounded down to a
-      divisor of the chunk (a multiple of 8 on TPU).
+    sub_chunk: kernels, per-key-dim (GLA) decay: the state is stepped
+      through sub-chunks of this many tokens, whose scores are evaluated
+      element-wise in log space ([sub, sub, K]). Rounded down to a divisor
+      of the chunk (a multiple of 8 on TPU). Unused by the XLA path.
   """
   block_v: int
   sub_chunk: int = 16
@@ -467,8 +467,7 @@ def _linear_attention(q, k, v, g, s0, plan: _ChunkPlan):
   t = q.shape[1]
   q, k, v, g = _pad_time(plan.chunk, q, k, v, g)
   if plan.impl == "xla":
-    o, s = ref.linear_attention_chunked(q, k, v, g, s0, chunk=plan.chunk,
-                                        sub=plan.sub)
+    o, s = ref.linear_attention_chunked(q, k, v, g, s0, chunk=plan.chunk)
   else:
     o, s = _attention_kernels(q, k, v, g, s0, plan)
   return o[:, :t], s
@@ -489,10 +488,11 @@ def chunked_linear_attention(
   Chunked algorithm (see ``reference``): within a chunk a causal,
   decay-weighted quadratic form, across chunks the [K, V] state. All decay
   exponents are differences G_i - G_j <= 0 (log space), so strong decays are
-  safe. The kernels step the state through sub-chunks of
-  ``block_sizes.sub_chunk`` tokens for the per-key decay; the XLA path uses
-  them only to block the scores. Pallas paths (forward and backward kernels)
-  are wrapped in a ``custom_vjp``; the XLA path is differentiated by JAX.
+  safe. For the per-key decay the XLA path builds the scores by recursive
+  halving and the kernels step the state through sub-chunks of
+  ``block_sizes.sub_chunk`` tokens. Pallas paths (forward and backward
+  kernels) are wrapped in a ``custom_vjp``; the XLA path is differentiated
+  by JAX.
 
   Args:
     q, k: [B, T, H, K]. v: [B, T, H, V].

@@ -25,11 +25,13 @@ state entering the chunk:
 Every exponent that is evaluated is a difference G_i - G_j with j <= i (or a
 G_i itself), so it is <= 0 for decays in (0, 1]: strong decays underflow to 0
 instead of overflowing (no exp(-G) factorisation). For the per-key-dim (GLA)
-decay the intra-chunk scores are computed in blocks of ``sub`` tokens, as in
-the secondary chunking of Yang et al. 2024 ("Gated Linear Attention
-Transformers with Hardware-Efficient Training", sec. 4): a block below the
-diagonal factorises through the decay at the block's first row; a diagonal
-block is evaluated element-wise in log space ([sub, sub, K]).
+decay exp(G_id - G_jd) does not factor out of the q.k sum, so the scores are
+built in pieces where it does factor through a row r with j <= r <= i, in
+the spirit of the secondary chunking of Yang et al. 2024 ("Gated Linear
+Attention Transformers with Hardware-Efficient Training", sec. 4): the XLA
+path halves the chunk recursively (``_intra_scores``); the kernels step the
+state through sub-chunks of 16 tokens and evaluate each sub-chunk's scores
+element-wise in log space ([16, 16, K], ``pair_decay``).
 
 The per-chunk functions below that take 2-D tiles (``chunk_forward``,
 ``chunk_backward``, ``delta_chunk_forward``) are also the bodies of the Pallas
@@ -368,31 +370,41 @@ def _from_chunks(x: Array) -> Array:
   return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(bsz, n * c, h, f)
 
 
-def _intra_scores(q, k, g, sub):
+def _intra_scores(q, k, g):
   """Causal decay-weighted scores [..., C, C] of every chunk.
 
-  Per-head decay: (q k^T) * exp(G_i - G_j). Per-key decay: blocks of ``sub``
-  rows; below the diagonal the decay factorises through G at the block's
-  first row s (exp(G_i - G_s) exp(G_s - G_j), both exponents <= 0); the
-  diagonal block is element-wise in log space.
+  Per-head decay: (q k^T) * exp(G_i - G_j). Per-key decay, by recursive
+  halving: the diagonal is q_i . k_i; every other pair j < i lies in the
+  lower-left b x b block of exactly one aligned 2b-block (b = C/2, ..., 1),
+  where exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with r the block's
+  middle row, both exponents <= 0: one batched matmul of decayed q and k per
+  level. log2(C) levels of about C K exps each, no [C, C, K] tensor. A chunk
+  that is not a power of 2 is padded (zero q, k; G repeated, so exponents
+  stay <= 0) and cropped.
   """
   if g.shape[-1] == 1:
     return (jnp.einsum("...ik,...jk->...ij", q, k)
             * decay_matrix(g, jnp.swapaxes(g, -1, -2)))
-  c = q.shape[-2]
-  rows = []
-  for s in range(0, c, sub):
-    qb, kb, gb = (x[..., s:s + sub, :] for x in (q, k, g))
-    gs = g[..., s:s + 1, :]
-    parts = [scores_3d(qb, kb, pair_decay(gb))]
-    if s:
-      below = jnp.einsum("...ik,...jk->...ij", qb * jnp.exp(gb - gs),
-                         k[..., :s, :] * jnp.exp(gs - g[..., :s, :]))
-      parts.insert(0, below)
-    if s + sub < c:
-      parts.append(jnp.zeros(qb.shape[:-1] + (c - s - sub,), q.dtype))
-    rows.append(jnp.concatenate(parts, axis=-1))
-  return jnp.concatenate(rows, axis=-2)
+  *lead, c, _ = q.shape
+  cp = 1 << (c - 1).bit_length()
+  if cp != c:
+    widths = [(0, 0)] * len(lead) + [(0, cp - c), (0, 0)]
+    q, k = jnp.pad(q, widths), jnp.pad(k, widths)
+    g = jnp.pad(g, widths, mode="edge")
+  out = jnp.einsum("...ik,...ik->...i", q, k)[..., None] * jnp.eye(cp, dtype=q.dtype)
+  lower_left = jnp.array([[0, 0], [1, 0]], q.dtype)
+  b = cp // 2
+  while b:
+    p = cp // (2 * b)
+    qs, ks, gs = (x.reshape(*lead, p, 2, b, x.shape[-1]) for x in (q, k, g))
+    g_mid = gs[..., 1, :1, :]
+    scores = jnp.einsum("...pik,...pjk->...pij",
+                        qs[..., 1, :, :] * jnp.exp(gs[..., 1, :, :] - g_mid),
+                        ks[..., 0, :, :] * jnp.exp(g_mid - gs[..., 0, :, :]))
+    out = out + jnp.einsum("...pij,pq,uv->...puiqvj", scores,
+                           jnp.eye(p, dtype=q.dtype), lower_left).reshape(out.shape)
+    b //= 2
+  return out[..., :c, :c]
 
 
 def _chunk_states(decay: Array, local: Array, s0: Array) -> tuple[Array, Array]:
@@ -412,8 +424,7 @@ def _chunk_states(decay: Array, local: Array, s0: Array) -> tuple[Array, Array]:
   return jnp.moveaxis(entering, 0, 2), s
 
 
-def linear_attention_chunked(q, k, v, log_decay, initial_state, *, chunk: int,
-                             sub: int = 16):
+def linear_attention_chunked(q, k, v, log_decay, initial_state, *, chunk: int):
   """The chunked algorithm (XLA path of ``chunked_linear_attention``).
 
   Every chunk's local state k~^T v and its causal scores are computed in
@@ -423,7 +434,7 @@ def linear_attention_chunked(q, k, v, log_decay, initial_state, *, chunk: int,
   Args:
     q, k, v, log_decay, initial_state: as ``linear_attention_steps``, with T
       a multiple of ``chunk`` and initial_state given.
-    chunk: C. sub: block size of the per-key-decay scores (divides C).
+    chunk: C.
 
   Returns:
     o [B, T, H, V] and the final state [B, H, K, V] (accumulation dtype).
@@ -436,7 +447,7 @@ def linear_attention_chunked(q, k, v, log_decay, initial_state, *, chunk: int,
   local = jnp.einsum("...ck,...cv->...kv", kc * jnp.exp(g_last - gc), vc)
   decay = jnp.swapaxes(jnp.exp(g_last), -1, -2)                # [.., Kg, 1]
   entering, s = _chunk_states(decay, local, initial_state.astype(acc))
-  a = _intra_scores(qc, kc, gc, sub)
+  a = _intra_scores(qc, kc, gc)
   o = (jnp.einsum("...ck,...kv->...cv", qc * jnp.exp(gc), entering)
        + jnp.einsum("...ij,...jv->...iv", a, vc))
   return _from_chunks(o).astype(jnp.result_type(q, k, v)), s

@@ -100,6 +100,11 @@ def test_attention_xla_matches_float64(shape, decay):
   _check_attn(shape, decay, impl="xla")
 
 
+def test_attention_xla_chunk_not_a_power_of_two():
+  """chunk 24: the per-key scores pad each chunk to 32 and crop."""
+  _check_attn((1, 63, 1, 60, 40), ("key", "strong"), impl="xla", chunk_size=24)
+
+
 @pytest.mark.parametrize("decay", [("head", "strong"), ("key", "strong")],
                          ids=str)
 @pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
