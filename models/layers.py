@@ -3,17 +3,21 @@
 Parameters carry logical axis names (``out_sharding`` metadata) that
 ``gemkit.sharding`` maps onto the device mesh; :func:`constrain` does the same
 for activations when a mesh and rules are in force and is a no-op otherwise.
-Weights are ``[in, out]``; activations ``[batch, seq, ...]``.
+Weights are ``[in, out]``; activations ``[batch, seq, ...]``. A :class:`Dense`
+can hold its weight quantized (``ops.quant``), stored as :class:`QuantizedKernel`
+variables, which are not ``nnx.Param``: optimizers never see them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
+
+from ops import quant
 
 Initializer = Callable[..., jax.Array]
 
@@ -36,8 +40,30 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+class QuantizedKernel(nnx.Variable):
+  """One storage array of a quantized :class:`Dense` weight (codes, scales, ...).
+
+  Not an ``nnx.Param``: ``nnx.split(model, nnx.Param, ...)`` puts it with the
+  frozen state, so the optimizer never updates it and ``gemkit.train`` keeps it
+  in ``TrainState.frozen``. It checkpoints like any array (int8 codes, float32
+  scales, float8_e4m3fn values round-trip through orbax as they are) and
+  carries logical axis names for sharding.
+  """
+
+
+_QUANT_FIELDS = ("values", "scales", "zeros", "scale_scales", "scale_offset")
+
+
 class Dense(nnx.Module):
-  """y = x @ W (+ b), W: [in, out], computed in ``dtype`` (params stay ``param_dtype``)."""
+  """y = x @ W (+ b), W: [in, out], computed in ``dtype`` (params stay ``param_dtype``).
+
+  After :meth:`quantize`, W is held as an ``ops.quant.QuantizedWeight``:
+  ``kernel`` is None, ``quantized`` holds its arrays (:class:`QuantizedKernel`)
+  and ``y = quant.quantized_matmul(x, W, act_fmt=..., outlier_threshold=...,
+  impl=...)``, with those three settable per layer as attributes. The
+  gradient reaches x (through the dequantized W), never W: a frozen quantized
+  base can be trained through (QLoRA).
+  """
 
   def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs,
                names: tuple[str | None, str | None] = (None, None),
@@ -49,9 +75,60 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, init, (in_features, out_features), param_dtype, names)
     self.bias = (param(rngs, nnx.initializers.zeros, (out_features,), param_dtype,
                        names[1:]) if use_bias else None)
+    self.quantized: nnx.Dict | None = None
+
+  @property
+  def is_quantized(self) -> bool:
+    return self.quantized is not None
+
+  def quantize(self, fmt: str, *, group_size: int | None = None, symmetric: bool = True,
+               double_quant: bool = False, act_fmt: str | None = None,
+               outlier_threshold: float | None = None, impl: str = "auto") -> None:
+    """Replaces the float kernel by ``quant.quantize(kernel, fmt, ...)``, in place.
+
+    ``fmt``, ``group_size``, ``symmetric``, ``double_quant``: as
+    ``ops.quant.quantize`` (grouped along ``in``). ``act_fmt``,
+    ``outlier_threshold``, ``impl``: as ``ops.quant.quantized_matmul``; they are
+    checked against the weight here, so a bad combination fails before any
+    state changes.
+    """
+    if self.quantized is not None:
+      raise ValueError(f"this Dense is already quantized ({self.quant_layout[0]})")
+    qw = quant.quantize(self.kernel[...], fmt, group_size=group_size, symmetric=symmetric,
+                        double_quant=double_quant)
+    jax.eval_shape(lambda x: quant.quantized_matmul(
+        x, qw, act_fmt=act_fmt, outlier_threshold=outlier_threshold, impl=impl),
+                   jax.ShapeDtypeStruct((1, self.in_features), self.dtype))
+    k_name, n_name = self.kernel.get_metadata().get("out_sharding") or (None, None)
+    arrays = {}
+    for field in _QUANT_FIELDS:
+      a = getattr(qw, field)
+      if a is None:
+        continue
+      # values [K or packed K, N] split like the kernel; per-group arrays [K/G, N] by N only.
+      spec = ((k_name if field == "values" else None,
+               n_name if a.shape[1] == self.out_features else None) if a.ndim == 2
+              else (None,) * a.ndim)
+      arrays[field] = QuantizedKernel(a, out_sharding=spec, eager_sharding=False)
+    self.kernel = None
+    self.quantized = nnx.data(nnx.Dict(arrays))
+    self.quant_layout = (qw.fmt, qw.shape, qw.group_size, qw.axis)
+    self.act_fmt, self.outlier_threshold, self.impl = act_fmt, outlier_threshold, impl
+
+  def quantized_weight(self) -> quant.QuantizedWeight:
+    """The ``QuantizedWeight`` [in, out] of a quantized layer."""
+    fmt, shape, group_size, axis = self.quant_layout
+    arrays: dict[str, Any] = {f: self.quantized[f][...] for f in self.quantized}
+    return quant.QuantizedWeight(**arrays, fmt=fmt, shape=shape, group_size=group_size,
+                                 axis=axis)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.quantized is not None:
+      y = quant.quantized_matmul(x.astype(self.dtype), self.quantized_weight(),
+                                 act_fmt=self.act_fmt,
+                                 outlier_threshold=self.outlier_threshold, impl=self.impl)
+    else:
+      y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
