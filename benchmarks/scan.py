@@ -1,0 +1,261 @@
+"""Linear-RNN scans: chunked linear attention vs the sequential recurrence.
+
+Sections (``--sections``, comma separated; default: the CPU ones on a CPU,
+all of them on a GPU / TPU), each timed side by side in one process:
+
+- ``chunked``: a training step's cost (forward + backward: gradients of a
+  scalar loss sum(o * w) wrt q, k, v and log_decay) of
+  ``chunked_linear_attention(impl="xla")`` against ``jax.grad`` through
+  ``reference.linear_attention_steps`` (one ``lax.scan`` step per token), at
+  B=2, T=``--t`` (4096), H=4, K=V=128, for a per-head decay and a per-key
+  (GLA) decay; the forward pass alone too.
+- ``scaling``: the chunked XLA forward + backward at T = ``--scaling_t``
+  (1K..16K); ms per 1K tokens should stay flat (linear in T).
+- ``linear_scan``: the two XLA paths of ``linear_scan`` (sequential
+  ``lax.scan`` and ``lax.associative_scan``), forward and forward + backward,
+  at B=2, T=4096, D=1024 (this picks the CPU default of ``xla_method``).
+- ``accel`` (GPU / TPU only; the Pallas kernels run in interpret mode on a
+  CPU, which says nothing about speed): ``linear_scan`` at B=8, T=4096,
+  D=2560, XLA vs the backend's Pallas kernel, in GB/s (a, b read, h written)
+  and % of the measured copy bandwidth; ``chunked_linear_attention`` forward
+  + backward at B=1, T=8192, H=16, K=V=128 (XLA and Pallas) vs
+  ``jax.nn.dot_product_attention(is_causal=True)`` on the same q, k, v.
+
+Each row: median and min milliseconds over ``--iters`` calls after a
+compile-and-warm-up call. Prints a table and writes JSON (default
+``benchmarks/results/scan_<machine>.json``).
+
+Example (see benchmarks/README.md for recorded numbers):
+
+  python benchmarks/scan.py --sections=chunked,scaling,linear_scan
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ops import scan  # noqa: E402  pylint: disable=g-import-not-at-top
+from ops.scan import reference  # noqa: E402  pylint: disable=g-import-not-at-top
+
+KERNEL_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
+CPU_SECTIONS = ("chunked", "scaling", "linear_scan")
+
+
+def _time_ms(fn, *args, iters: int) -> tuple[float, float]:
+  """(median, min) ms over ``iters`` calls after a compile-and-warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times), min(times)
+
+
+def _attn_inputs(b, t, h, k, v, decay, dtype=jnp.float32, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(keys[0], (b, t, h, k), dtype) / np.sqrt(k)
+  kk = jax.random.normal(keys[1], (b, t, h, k), dtype) / np.sqrt(k)
+  vv = jax.random.normal(keys[2], (b, t, h, v), dtype)
+  g_shape = (b, t, h) if decay == "head" else (b, t, h, k)
+  g = -jax.random.uniform(keys[3], g_shape, jnp.float32, 0.01, 0.5)
+  w = jax.random.normal(keys[4], (b, t, h, v), jnp.float32)
+  return q, kk, vv, g, w
+
+
+def _train_step(attend):
+  """jit(grad of sum(o * w) wrt q, k, v, log_decay)."""
+  def loss(q, k, v, g, w):
+    return jnp.sum(attend(q, k, v, g)[0].astype(jnp.float32) * w)
+  return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def _forward(attend):
+  return jax.jit(lambda q, k, v, g, w: attend(q, k, v, g)[0])
+
+
+def _chunked(impl="xla", chunk_size=64):
+  return functools.partial(scan.chunked_linear_attention, impl=impl,
+                           chunk_size=chunk_size)
+
+
+def _sequential(q, k, v, g):
+  return reference.linear_attention_steps(q, k, v, g)
+
+
+def section_chunked(args, rows):
+  for decay in ("head", "key"):
+    x = _attn_inputs(2, args.t, 4, 128, 128, decay)
+    base = None
+    for name, attend in (("sequential lax.scan (autodiff)", _sequential),
+                         ("chunked xla", _chunked())):
+      fwd = _time_ms(_forward(attend), *x, iters=args.iters)
+      step = _time_ms(_train_step(attend), *x, iters=args.iters)
+      base = base or step[0]
+      rows.append(dict(section="chunked", decay=decay, path=name, B=2,
+                       T=args.t, H=4, K=128, V=128, fwd_ms=fwd[0],
+                       fwd_min_ms=fwd[1], fwd_bwd_ms=step[0],
+                       fwd_bwd_min_ms=step[1], speedup=base / step[0]))
+      _print_row(rows[-1])
+
+
+def section_scaling(args, rows):
+  base = None
+  for t in args.scaling_t:
+    x = _attn_inputs(2, t, 4, 128, 128, "head")
+    med, low = _time_ms(_train_step(_chunked()), *x, iters=args.iters)
+    base = base or med / t
+    rows.append(dict(section="scaling", decay="head", path="chunked xla", B=2,
+                     T=t, H=4, K=128, V=128, fwd_bwd_ms=med,
+                     fwd_bwd_min_ms=low, ms_per_1k_tokens=1e3 * med / t,
+                     relative_to_first=med / t / base))
+    _print_row(rows[-1])
+
+
+def _scan_inputs(b, t, d, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(1), 2)
+  a = jax.random.uniform(keys[0], (b, t, d), dtype, 0.5, 1.0)
+  return a, jax.random.normal(keys[1], (b, t, d), dtype)
+
+
+def _scan_fns(**kw):
+  fwd = jax.jit(lambda a, b: scan.linear_scan(a, b, **kw)[0])
+  step = jax.jit(jax.grad(
+      lambda a, b: jnp.sum(scan.linear_scan(a, b, **kw)[0].astype(jnp.float32)),
+      argnums=(0, 1)))
+  return fwd, step
+
+
+def section_linear_scan(args, rows):
+  a, b = _scan_inputs(2, 4096, 1024)
+  for method in ("sequential", "associative"):
+    fwd, step = _scan_fns(impl="xla", xla_method=method)
+    f = _time_ms(fwd, a, b, iters=args.iters)
+    s = _time_ms(step, a, b, iters=args.iters)
+    rows.append(dict(section="linear_scan", path=f"xla {method}", B=2, T=4096,
+                     D=1024, fwd_ms=f[0], fwd_min_ms=f[1], fwd_bwd_ms=s[0],
+                     fwd_bwd_min_ms=s[1]))
+    _print_row(rows[-1])
+
+
+def measure_copy_gbps(iters: int, mbytes: int = 512) -> float:
+  """GB/s of an out-of-place float32 x + 1 over ``mbytes`` MiB (read + write)."""
+  x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
+  _, ms = _time_ms(jax.jit(lambda x: x + 1), x, iters=max(5, iters))
+  return 2 * x.nbytes / ms / 1e6
+
+
+def section_accel(args, rows):
+  kernel = KERNEL_IMPL[jax.default_backend()]
+  peak = measure_copy_gbps(args.iters)
+  a, b = _scan_inputs(8, 4096, 2560)
+  moved = 3 * a.nbytes                                  # read a, b; write h
+  for impl in ("xla", kernel):
+    fwd, step = _scan_fns(impl=impl)
+    med, low = _time_ms(fwd, a, b, iters=args.iters)
+    gbps = moved / med / 1e6
+    rows.append(dict(section="accel", op="linear_scan", path=impl, B=8, T=4096,
+                     D=2560, fwd_ms=med, fwd_min_ms=low, gbps=gbps,
+                     copy_gbps=peak, pct_of_copy=100 * gbps / peak,
+                     fwd_bwd_ms=_time_ms(step, a, b, iters=args.iters)[0]))
+    _print_row(rows[-1])
+  q, k, v, g, w = _attn_inputs(1, 8192, 16, 128, 128, "head", jnp.bfloat16)
+
+  def sdpa(q, k, v, g):
+    del g
+    return (jax.nn.dot_product_attention(q, k, v, is_causal=True),)
+
+  base = None
+  for name, attend in (("dot_product_attention causal", sdpa),
+                       ("chunked xla", _chunked()),
+                       (f"chunked {kernel}", _chunked(kernel))):
+    med, low = _time_ms(_train_step(attend), q, k, v, g, w, iters=args.iters)
+    base = base or med
+    rows.append(dict(section="accel", op="chunked_linear_attention",
+                     path=name, B=1, T=8192, H=16, K=128, V=128,
+                     dtype="bfloat16", fwd_bwd_ms=med, fwd_bwd_min_ms=low,
+                     speedup_vs_sdpa=base / med))
+    _print_row(rows[-1])
+
+
+SECTIONS = {"chunked": section_chunked, "scaling": section_scaling,
+            "linear_scan": section_linear_scan, "accel": section_accel}
+
+
+def _print_row(row):
+  print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                  for k, v in row.items()), flush=True)
+
+
+def print_tables(rows):
+  """One fixed-width table per section (all the JSON columns)."""
+  for section in dict.fromkeys(r["section"] for r in rows):
+    part = [r for r in rows if r["section"] == section]
+    cols = [c for c in dict.fromkeys(k for r in part for k in r) if c != "section"]
+    cells = [[f"{r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+              for c in cols] for r in part]
+    widths = [max(len(c), *(len(row[i]) for row in cells))
+              for i, c in enumerate(cols)]
+    print(f"\n[{section}]")
+    for line in [cols] + cells:
+      print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
+
+
+def _machine() -> str:
+  """e.g. "cpu-2core-x86_64" or "nvidia-h100-80gb-hbm3"."""
+  if jax.default_backend() == "cpu":
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+  return re.sub(r"[^a-z0-9]+", "-",
+                jax.devices()[0].device_kind.lower()).strip("-")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sections", default=None,
+                      help=f"comma list of {sorted(SECTIONS)}")
+  parser.add_argument("--t", type=int, default=4096)
+  parser.add_argument("--scaling_t", default="1024,2048,4096,8192,16384")
+  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  args.scaling_t = [int(t) for t in args.scaling_t.split(",")]
+  on_cpu = jax.default_backend() == "cpu"
+  sections = (args.sections.split(",") if args.sections
+              else list(CPU_SECTIONS) + ([] if on_cpu else ["accel"]))
+  unknown = set(sections) - set(SECTIONS)
+  if unknown:
+    parser.error(f"unknown sections {sorted(unknown)}")
+  if "accel" in sections and on_cpu:
+    parser.error("section 'accel' needs a GPU or TPU backend")
+  print(f"jax {jax.__version__}, {jax.default_backend()}, "
+        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
+        f"{platform.processor() or platform.machine()}")
+  rows = []
+  for name in sections:
+    SECTIONS[name](args, rows)
+  print_tables(rows)
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                 "results", f"scan_{_machine()}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(dict(jax=jax.__version__, backend=jax.default_backend(),
+                   device_kind=jax.devices()[0].device_kind,
+                   command=" ".join(sys.argv), rows=rows), f, indent=1)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
