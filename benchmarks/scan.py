@@ -44,7 +44,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ops import scan  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -67,8 +66,8 @@ def _time_ms(fn, *args, iters: int) -> tuple[float, float]:
 
 def _attn_inputs(b, t, h, k, v, decay, dtype=jnp.float32, seed=0):
   keys = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(keys[0], (b, t, h, k), dtype) / np.sqrt(k)
-  kk = jax.random.normal(keys[1], (b, t, h, k), dtype) / np.sqrt(k)
+  q = (jax.random.normal(keys[0], (b, t, h, k)) * k**-0.5).astype(dtype)
+  kk = (jax.random.normal(keys[1], (b, t, h, k)) * k**-0.5).astype(dtype)
   vv = jax.random.normal(keys[2], (b, t, h, v), dtype)
   g_shape = (b, t, h) if decay == "head" else (b, t, h, k)
   g = -jax.random.uniform(keys[3], g_shape, jnp.float32, 0.01, 0.5)
