@@ -8,10 +8,11 @@ between slices; ``config.mesh.dcn_data`` ...). The mesh axis is their product:
     mesh[a] = mesh.<a> * mesh.dcn_<a>          a in data, fsdp, sequence, tensor
 
 One ICI size may be -1 (the devices of a slice left over) and one DCN size may
-be -1 (the slices left over). A "slice" is a TPU slice (``device.slice_index``);
-on GPU and CPU it is one process when any DCN size is not 1, and the whole job
-otherwise. Cross-slice axes are outermost, so only the cheap collectives of
-data parallelism (and FSDP if asked) cross the DCN.
+be -1 (the slices left over). A "slice" is a TPU slice (``device.slice_index``)
+when the devices span several; otherwise (one slice, GPU hosts, CPU) it is one
+process when any DCN size is not 1, and the whole job when all are 1. Cross-slice
+axes are outermost, so only the collectives of the axes given DCN sizes (data
+parallelism, usually) cross the slower network.
 
 Parameters and activations carry logical axis names (``models.layers.param``,
 ``models.layers.constrain``); ``RULES`` maps them onto mesh axes:
@@ -79,10 +80,15 @@ def _resolve(sizes: Sequence[int], total: int, prefix: str, what: str) -> tuple[
   return tuple(sizes)
 
 
+def _slice_indices(devices: Sequence[Any]) -> set[int]:
+  return {getattr(d, "slice_index", 0) for d in devices}
+
+
 def num_slices(devices: Sequence[Any], mesh_cfg) -> int:
-  """TPU slices among ``devices``; elsewhere processes if any DCN size != 1, else 1."""
-  if hasattr(devices[0], "slice_index"):
-    return len({d.slice_index for d in devices})
+  """Slices (``device.slice_index``) among ``devices`` if more than one; else the
+  processes if any DCN size is not 1; else 1."""
+  if len(_slice_indices(devices)) > 1:
+    return len(_slice_indices(devices))
   if axis_sizes(mesh_cfg, "dcn_") == (1,) * len(AXES):
     return 1
   return len({d.process_index for d in devices})
@@ -91,10 +97,10 @@ def num_slices(devices: Sequence[Any], mesh_cfg) -> int:
 def mesh_shapes(mesh_cfg, num_devices: int,
                 slices: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """(per-slice, cross-slice) sizes of (data, fsdp, sequence, tensor), -1 resolved."""
+  if slices > 1 and axis_sizes(mesh_cfg, "dcn_") == (1,) * len(AXES):
+    raise ConfigError("mesh", f"the devices form {slices} slices but all mesh.dcn_* sizes "
+                      "are 1; set e.g. mesh.dcn_data=-1")
   dcn = _resolve(axis_sizes(mesh_cfg, "dcn_"), slices, "dcn_", "slices")
-  if slices > 1 and math.prod(dcn) == 1:
-    raise ConfigError("mesh", f"the devices form {slices} slices but the mesh.dcn_* sizes "
-                      "multiply to 1; set e.g. mesh.dcn_data=-1")
   if num_devices % slices:
     raise ConfigError("mesh", f"{num_devices} devices do not split into {slices} "
                       "equal slices")
@@ -114,7 +120,7 @@ def device_grid(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
   try:
     if slices > 1:
       return mesh_utils.create_hybrid_device_mesh(
-          ici, dcn, devices, process_is_granule=not hasattr(devices[0], "slice_index"),
+          ici, dcn, devices, process_is_granule=len(_slice_indices(devices)) == 1,
           allow_split_physical_axes=True)
     return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError) as e:
@@ -297,8 +303,9 @@ def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None]
     ValueError: a split dim is not divisible by its number of shards.
   """
   in_specs = tuple(logical_spec(n) for n in in_names)
-  out_specs = jax.tree.map(logical_spec, out_names,
-                           is_leaf=lambda x: x is None or isinstance(x, tuple))
+  is_names = lambda x: x is None or (isinstance(x, tuple) and all(
+      n is None or isinstance(n, str) for n in x))
+  out_specs = jax.tree.map(logical_spec, out_names, is_leaf=is_names)
 
   def wrapped(*args):
     active = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
