@@ -210,8 +210,15 @@ def _unknown_override(argv: Sequence[str], default: str) -> ConfigError:
   return ConfigError("config", "invalid override")
 
 
-def flags_parser(argv: Sequence[str]) -> list[str]:
-  """An ``app.run(flags_parser=...)`` that reports flag and config errors in one line."""
+def flags_parser(argv: Sequence[str],
+                 validator: Callable[[ml_collections.ConfigDict], None] | None = None
+                 ) -> list[str]:
+  """An ``app.run(flags_parser=...)`` that reports flag and config errors in one line.
+
+  ``validator`` checks ``--config`` (default :func:`validate`, for experiment
+  configs); a launcher with another kind of config passes its own with
+  ``functools.partial``.
+  """
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
     rest = flags.FLAGS(argv)
@@ -221,7 +228,7 @@ def flags_parser(argv: Sequence[str]) -> list[str]:
         path = flags.FLAGS["config"].config_filename
         resolve_config_path(path)
         raise ConfigError("config", f"cannot load {path!r}")
-      validate(config)
+      (validator or validate)(config)
     return rest
   except flags.Error as e:
     _exit(str(e))
