@@ -219,7 +219,7 @@ def _run(impl, sizes, q, k, v, mask, segs, kinds, bound, scale, softcap, interpr
   if impl != "xla":   # kernels' dk/dv pass: per kv block, the list of query blocks
     kinds_t = kinds.swapaxes(-1, -2)
     bound_t = (int(np.max((kinds_t > 0).sum(-1))) if isinstance(kinds, np.ndarray)
-               else kinds_t.shape[-2])
+               else kinds_t.shape[-1])
     layout_t = jax.tree_util.tree_map(jnp.asarray, masks_lib.block_layout(kinds_t, bound_t))
   q_seg = kv_seg = None
   if segs is not None:

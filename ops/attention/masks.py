@@ -444,10 +444,10 @@ def block_layout(kinds, max_blocks: int) -> BlockLayout:
   # Non-empty columns first, in ascending order (stable sort of a 0/1 key).
   order = xp.argsort(xp.where(nonempty, 0, 1), axis=-1, stable=True)[..., :max_blocks]
   kind = xp.take_along_axis(kinds, order, axis=-1).astype(xp.int32)
-  count = nonempty.sum(-1).astype(xp.int32)
+  count = xp.minimum(nonempty.sum(-1), max_blocks).astype(xp.int32)
   last = xp.take_along_axis(order, xp.maximum(count - 1, 0)[..., None], axis=-1)
   index = xp.where(kind > 0, order, last).astype(xp.int32)
-  return BlockLayout(index=index, kind=kind, count=xp.minimum(count, max_blocks))
+  return BlockLayout(index=index, kind=kind, count=count)
 
 
 def valid_pairs(mask: Mask, i, j, head, num_heads: int, seq_kv: int, lookup: Lookup,
