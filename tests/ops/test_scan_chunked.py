@@ -341,6 +341,20 @@ def test_chunked_cross_lowers(platform, impl, op, dtype):
   exports_for(platform, jax.grad(loss, (0, 1, 2, 3)), q, q, v, g)
 
 
+def test_vmap_of_tpu_kernels_cross_lowers():
+  """vmap adds a grid axis; TPU interpret mode cannot run that in jax 0.10.2
+  (PALLAS_NOTES section 6), the Mosaic lowering can."""
+  q = jax.ShapeDtypeStruct((3, 1, 64, 2, 128), jnp.float32)
+  g = jax.ShapeDtypeStruct((3, 1, 64, 2), jnp.float32)
+  attend = jax.vmap(lambda q, k, v, g: scan.chunked_linear_attention(
+      q, k, v, g, impl="pallas_tpu", interpret=False)[0])
+  delta = jax.vmap(lambda q, k, v, g: scan.delta_rule(
+      q, k, v, jnp.exp(g), g, impl="pallas_tpu", interpret=False)[0])
+  for fn in (attend, delta):
+    exports_for("tpu", jax.grad(lambda *x: jnp.sum(fn(*x)), (0, 1, 2, 3)),
+                q, q, q, g)
+
+
 def test_chunked_auto_is_xla_on_cpu():
   rng = np.random.default_rng(7)
   q, k, v, g, s0 = _attn_inputs(rng, (1, 20, 1, 8, 8), ("head", "weak"))
