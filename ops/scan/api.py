@@ -184,7 +184,7 @@ def _scan(a, b, h0, reverse, plan):
 
 def _scan_fwd(a, b, h0, reverse, plan):
   h, h_last = plan(a, b, h0, reverse)
-  return (h, h_last), (a, h, h0, jnp.zeros((0,), b.dtype))
+  return (h, h_last), (a, h, h0, jnp.zeros((0,), b.dtype))  # b's dtype
 
 
 def _scan_bwd(reverse, plan, res, cts):
@@ -193,7 +193,7 @@ def _scan_bwd(reverse, plan, res, cts):
   Forward scan: g_t = dh_t + a_{t+1} g_{t+1} with g_T = d h_last, then
   da_t = g_t h_{t-1}, db_t = g_t, dh0 = a_0 g_0 (mirrored for reverse).
   """
-  a, h, h0, b_dtype = res
+  a, h, h0, b_empty = res
   gh, g_last = cts
   one = jnp.ones_like(a[:, :1])
   h0_ = h0[:, None].astype(h.dtype)
@@ -206,7 +206,7 @@ def _scan_bwd(reverse, plan, res, cts):
   g, g_first = plan(a_next, gh.astype(_F32), g_last, not reverse)
   da = g * h_prev.astype(_F32)
   dh0 = a[:, -1 if reverse else 0].astype(_F32) * g_first
-  return da.astype(a.dtype), g.astype(b_dtype.dtype), dh0.astype(h0.dtype)
+  return da.astype(a.dtype), g.astype(b_empty.dtype), dh0.astype(h0.dtype)
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)
