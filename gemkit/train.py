@@ -370,7 +370,7 @@ class Trainer:
         if stop.requested(done):
           self._check_finite(done, metrics)
           self.writer.print(f"{stop.reason}: saving step {done} to "
-                            f"{self.checkpointer.directory}")
+                            f"{self.checkpointer.directory}; run the same command to resume")
           if not saved:
             self.save(force=True)
           self.checkpointer.wait()
