@@ -137,16 +137,17 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   params = optax.apply_updates(state.params, updates)
   keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   skipped = jnp.logical_not(finite).astype(jnp.int32)
-  state = state.replace(step=state.step + 1,
-                        params=keep_if_bad(params, state.params),
-                        opt_state=keep_if_bad(opt_state, state.opt_state))
-  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step - 1),
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
              "tokens": count, "skipped": skipped}
+  new_state = state.replace(step=state.step + 1,
+                            params=keep_if_bad(params, state.params),
+                            opt_state=keep_if_bad(opt_state, state.opt_state))
   if state.nonfinite_run is not None:
-    state = state.replace(nonfinite_run=(state.nonfinite_run + 1) * skipped,
-                          nonfinite_total=state.nonfinite_total + skipped)
-    metrics.update(nonfinite_run=state.nonfinite_run, skipped_total=state.nonfinite_total)
-  return state, metrics
+    new_state = new_state.replace(nonfinite_run=(state.nonfinite_run + 1) * skipped,
+                                  nonfinite_total=state.nonfinite_total + skipped)
+    metrics.update(nonfinite_run=new_state.nonfinite_run,
+                   skipped_total=new_state.nonfinite_total)
+  return new_state, metrics
 
 
 def eval_step(params, frozen, batch, *, graphdef) -> dict:

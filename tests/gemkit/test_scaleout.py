@@ -27,7 +27,8 @@ from tests.helpers import tiny_config, write_corpus
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 240                     # seconds, per subprocess
 STEPS = 8
-BASE = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 1000}
+BASE = {"train.steps": STEPS, "train.log_every": 1, "train.checkpoint_every": 1000,
+        "train.max_nonfinite_steps": 2}
 MULTI_MESH = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2, "mesh.dcn_data": 2}
 
 # Every process: train 3 steps (saved at 3), dump the gathered params, copy
@@ -44,7 +45,9 @@ from jax.experimental import multihost_utils
 from gemkit import train
 from tests.helpers import tiny_config
 t = train.Trainer(tiny_config(**overrides), workdir)
-losses = [r["loss"] for r in t.run(3) if r["split"] == "train"]
+logged = t.run(3)
+losses = [r["loss"] for r in logged if r["split"] == "train"]
+eval_loss = [r["loss"] for r in logged if r["split"] == "eval"]
 leaves = [np.asarray(multihost_utils.process_allgather(x, tiled=True))
           for x in jax.tree.leaves(t.state.params)]
 specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves(t.state.params)})
@@ -65,7 +68,8 @@ try:
   t.run(steps=300)
 except train.Preempted as e:
   stopped = e.step
-print(json.dumps({"losses": losses, "devices": jax.device_count(), "specs": specs,
+print(json.dumps({"losses": losses, "eval_loss": eval_loss, "devices": jax.device_count(),
+                  "specs": specs,
                   "processes": jax.process_count(), "mesh": dict(t.mesh.shape),
                   "stopped": stopped, "latest": t.checkpointer.latest_step()}))
 """
@@ -104,19 +108,23 @@ def _leaves(tree):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  """The corpus overrides and a reference single-device run of STEPS steps."""
+  """The corpus overrides and a reference single-device run of STEPS steps.
+
+  ``trainer`` is that run's Trainer, left open at step STEPS for a test that
+  continues it (compiling a Trainer is most of a test's cost).
+  """
   root = tmp_path_factory.mktemp("scaleout")
   overrides = {**BASE, "data.source": "text", "data.path": write_corpus(root),
                "data.heldout_fraction": 0.1}
   ref = train.Trainer(tiny_config(**overrides), root / "reference")
-  ref.run(3)
+  eval3 = [r["loss"] for r in ref.run(3) if r["split"] == "eval"]
   params3 = _leaves(ref.state.params)
   ref.run()
-  ref.close()
   losses = [r["loss"] for r in ref.history if r["split"] == "train"]
   assert len(losses) == STEPS and all(np.isfinite(losses))
-  return types.SimpleNamespace(root=root, overrides=overrides, losses=losses,
-                               params3=params3)
+  yield types.SimpleNamespace(root=root, overrides=overrides, losses=losses, eval3=eval3,
+                              params3=params3, trainer=ref)
+  ref.close()
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +158,7 @@ def test_two_processes_match_one_process(setup, two_processes):
     assert r["processes"] == 2 and r["devices"] == 8
     assert r["mesh"] == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
     np.testing.assert_allclose(r["losses"], setup.losses[:3], rtol=1e-5)
+    np.testing.assert_allclose(r["eval_loss"], setup.eval3, rtol=1e-5)   # global eval batches
   assert any("fsdp" in s and "tensor" in s for s in results[0]["specs"])   # really sharded
   for got, want in zip(_npz(workdir / "params3.npz"), setup.params3):
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
@@ -244,29 +253,29 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues_the_curve(setup
   np.testing.assert_allclose([l for _, l in curve], setup.losses, rtol=1e-6)
 
 
-def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(setup, tmp_path):
-  cfg = tiny_config(**{**setup.overrides, "train.max_nonfinite_steps": 2,
-                       "train.checkpoint_every": 2})
-  t = train.Trainer(cfg, tmp_path)
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(setup):
+  t = setup.trainer                           # at step STEPS; max_nonfinite_steps = 2
   _hook_train_steps(t, _poison({2, 5, 6}))
+  first = STEPS + 1
   t.run(1)
   before = _leaves((t.state.params, t.state.opt_state))
-  [logged] = [r for r in t.run(1) if r["split"] == "train"]            # step 2: NaN
+  [logged] = [r for r in t.run(1) if r["split"] == "train"]           # NaN in the batch
+  assert logged["step"] == first + 1
   assert np.isnan(logged["loss"]) and logged["skipped_steps"] == 1
   for a, b in zip(_leaves((t.state.params, t.state.opt_state)), before):
-    np.testing.assert_array_equal(a, b)                                # update skipped
-  assert t.step == 2 and t.skipped_steps == 1
-  [logged] = [r for r in t.run(1) if r["split"] == "train"]            # step 3: fine again
+    np.testing.assert_array_equal(a, b)                               # update skipped
+  assert t.step == first + 1 and t.skipped_steps == 1
+  [logged] = [r for r in t.run(1) if r["split"] == "train"]           # fine again
   assert np.isfinite(logged["loss"]) and logged["skipped_steps"] == 1
   assert int(t.state.nonfinite_run) == 0
   after = _leaves(t.state.params)
   assert all(np.isfinite(x).all() for x in after)
   assert any(not np.array_equal(a, b) for a, b in zip(after, before))
-  with pytest.raises(train.NonFiniteError, match=r"2 steps in a row \(steps 5..6.*step 4"):
-    t.run(5)                                                           # steps 5, 6: NaN
-  assert t.checkpointer.latest_step() == 4                             # the last good one
+  bad = f"steps {first + 4}..{first + 5}"
+  with pytest.raises(train.NonFiniteError, match=rf"2 steps in a row \({bad}.*step {first + 2}"):
+    t.run(5)                                                          # 2 NaN steps in a row
+  assert t.checkpointer.latest_step() == first + 2                    # the last good one
   assert t.skipped_steps == 3
-  t.close()
 
 
 SHARD_MAP_SCRIPT = r"""
