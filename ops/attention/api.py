@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,8 @@ from ops.attention import reference
 from ops.attention import tpu
 
 _FORWARD = {"xla": reference.xla_forward, "pallas_tpu": tpu.forward, "pallas_gpu": gpu.forward}
-_BACKWARD = {"xla": reference.xla_backward, "pallas_tpu": tpu.backward,
-             "pallas_gpu": gpu.backward}
+# The kernels' backward also takes the transposed layout; XLA scatter-adds dk/dv.
+_BACKWARD = {"pallas_tpu": tpu.backward, "pallas_gpu": gpu.backward}
 # device_kind -> predicate; both tables are empty (no accelerator measurements).
 _MEASURED = {**tpu.MEASURED_FASTER, **gpu.MEASURED_FASTER}
 _TARGET = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
@@ -52,7 +52,7 @@ class BlockSizes:
 
   # device_kind -> (block_q, block_kv) tuned for that device. Empty: no
   # accelerator measurements exist yet (see benchmarks/README.md).
-  TUNED = {}
+  TUNED: ClassVar[dict] = {}
 
   @classmethod
   def get_default(cls, shape, dtype, device_kind: str | None = None) -> "BlockSizes":
@@ -199,9 +199,12 @@ def _resolve(op: str, impl: str, q, block_q, block_kv, seq_q, seq_kv):
 # Shared driver
 
 
-def _run(impl, sizes, q, k, v, mask, segs, kinds, bound, scale, softcap, interpret,
-         layout_fn=None):
-  """Pads, builds layouts from ``kinds`` and calls the custom_vjp op."""
+def _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interpret,
+         forward_only=False):
+  """Pads, builds layouts from ``kinds`` and calls the custom_vjp op.
+
+  ``forward_only``: return the padded ``(o, lse)`` of the forward pass instead.
+  """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   bq, bk = sizes.block_q, sizes.block_kv
@@ -214,21 +217,19 @@ def _run(impl, sizes, q, k, v, mask, segs, kinds, bound, scale, softcap, interpr
       seq_q=t, seq_kv=s, num_heads=hq, num_kv_heads=hkv,
       interpret=None if impl == "xla" else ops_config.resolve_interpret(interpret,
                                                                         _TARGET[impl]))
-  layout = jax.tree_util.tree_map(jnp.asarray, masks_lib.block_layout(kinds, bound))
+  layout = jax.tree_util.tree_map(jnp.asarray, masks_lib.block_layout(kinds, bounds[0]))
   layout_t = None
-  if impl != "xla":   # kernels' dk/dv pass: per kv block, the list of query blocks
-    kinds_t = kinds.swapaxes(-1, -2)
-    bound_t = (int(np.max((kinds_t > 0).sum(-1))) if isinstance(kinds, np.ndarray)
-               else kinds_t.shape[-1])
-    layout_t = jax.tree_util.tree_map(jnp.asarray, masks_lib.block_layout(kinds_t, bound_t))
+  if impl != "xla" and not forward_only:   # kernels' dk/dv: per kv block, its query blocks
+    layout_t = jax.tree_util.tree_map(
+        jnp.asarray, masks_lib.block_layout(kinds.swapaxes(-1, -2), bounds[1]))
   q_seg = kv_seg = None
   if segs is not None:
     q_seg = jnp.pad(segs[0], ((0, 0), (0, tp - t)), mode="edge")
     kv_seg = jnp.pad(segs[1], ((0, 0), (0, sp - s)), mode="edge")
   qp = common.pad_axis(q, 1, bq)
   kp, vp = common.pad_axis(k, 1, bk), common.pad_axis(v, 1, bk)
-  if layout_fn is not None:
-    return layout_fn(cfg, qp, kp, vp, q_seg, kv_seg, leaves, layout)
+  if forward_only:
+    return _FORWARD[impl](cfg, qp, kp, vp, q_seg, kv_seg, leaves, layout)
   o = _attention(cfg, impl, qp, kp, vp, q_seg, kv_seg, leaves, layout, layout_t)
   return o[:, :t]
 
@@ -264,13 +265,13 @@ def block_sparse_attention(q, k, v, mask=None, *, segment_ids=None, scale=None, 
   """
   _check_qkv("block_sparse_attention", q, k, v)
   _check_scalars(scale, softcap)
-  mask = masks_lib.FullMask() if mask is None else masks_lib._check_mask(mask)
+  mask = masks_lib.FullMask() if mask is None else masks_lib.check_mask(mask)
   b, t, hq, _ = q.shape
   s = k.shape[1]
   segs = _segments(segment_ids, b, t, s)
   impl, sizes = _resolve("block_sparse_attention", impl, q, block_q, block_kv, t, s)
-  kinds, bound = masks_lib.block_kinds(mask, t, s, sizes.block_q, sizes.block_kv, hq, segs)
-  return _run(impl, sizes, q, k, v, mask, segs, kinds, bound, scale, softcap, interpret)
+  kinds, bounds = masks_lib.block_kinds(mask, t, s, sizes.block_q, sizes.block_kv, hq, segs)
+  return _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interpret)
 
 
 def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_blocks=1,
@@ -280,24 +281,32 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
   Each query block of ``block_size`` rows scores every kv block by the
   block-mean query against the block-mean key (per query head, against its
   kv head), ``score[qb, kb] = <mean_i q_i, mean_j k_j>``, and keeps the
-  ``top_k`` best eligible blocks plus the ``sink_blocks`` first and the
-  ``local_blocks`` latest (kb in ``(qb - local_blocks, qb]``) blocks; then
-  runs block-sparse attention over them (with the causal mask inside blocks
-  if ``causal``). The selection is not differentiated; gradients reach q, k
-  and v through the attention. With ``top_k >= number of blocks`` this is
-  dense (causal) attention.
+  ``top_k`` best-scoring eligible blocks plus the ``sink_blocks`` first kv
+  blocks and the ``local_blocks`` kv blocks ending at the one that holds the
+  query block's last position; then runs block-sparse attention over them
+  (with ``CausalMask`` inside and across blocks if ``causal``; eligible
+  means not entirely in the future). The selection is not differentiated;
+  gradients reach q, k and v through the attention. With ``top_k`` at least
+  the number of kv blocks this is dense (causal) attention.
 
-  Deviations: MoBA and NSA select per query token (NSA shares across a GQA
-  group); here the selection is per query block and query head, the
-  granularity block-sparse kernels run at (Mixture of Block Attention, Lu et
-  al. 2025; Native Sparse Attention, Yuan et al. 2025; Quest, Tang et al. 2024).
+  Deviations: MoBA and NSA select per query token (NSA shares the choice
+  across a GQA group); here the selection is per query block and query
+  head, the granularity block-sparse kernels run at (Mixture of Block
+  Attention, Lu et al. 2025; Native Sparse Attention, Yuan et al. 2025;
+  Quest, Tang et al. 2024).
 
   Args:
     q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``.
-    top_k: selected blocks per query block besides sink and local ones.
-    block_size: query and kv block size.
+    top_k: selected blocks per query block besides the sink and local ones.
+    block_size: query and kv block size (``pallas_tpu`` needs a multiple
+      of 128; shrunk for short sequences like ``BlockSizes.fit``).
     local_blocks, sink_blocks: always-kept blocks.
-    causal: ``j <= i`` inside and across blocks.
+    causal: ``j <= i``.
+    scale: logit scale, default ``1 / sqrt(D)``.
+    impl, interpret: as ``block_sparse_attention``.
+
+  Returns:
+    ``[B, T, Hq, D]`` in q's dtype.
   """
   _check_qkv("topk_block_attention", q, k, v)
   _check_scalars(scale, None)
@@ -312,10 +321,10 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
   s = k.shape[1]
   impl, sizes = _resolve("topk_block_attention", impl, q, block_size, block_size, t, s)
   mask = masks_lib.CausalMask() if causal else masks_lib.FullMask()
-  kinds, bound = reference.topk_block_kinds(
+  kinds, bounds = reference.topk_block_kinds(
       q, k, mask, top_k=top_k, block_q=sizes.block_q, block_kv=sizes.block_kv,
       local_blocks=local_blocks, sink_blocks=sink_blocks)
-  return _run(impl, sizes, q, k, v, mask, None, kinds, bound, scale, None, interpret)
+  return _run(impl, sizes, q, k, v, mask, None, kinds, bounds, scale, None, interpret)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_size=128,
@@ -326,8 +335,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   (the query's own key must already be in the cache). The cache is split
   into blocks of ``block_size``; each block (``"xla"``) or each of
   ``num_splits`` chunks (kernels) yields a partial ``(o, lse)``, merged with
-  a log-sum-exp (Dao et al., Flash-Decoding, 2023). ``lengths[b] == 0``
-  gives zeros.
+  a log-sum-exp (Dao et al., Flash-Decoding, 2023). ``lengths`` are
+  clipped to ``[0, S]``; ``lengths[b] == 0`` gives zeros.
 
   With ``top_k_blocks``, Quest page selection (Tang et al., 2024): per block
   the elementwise min/max of its keys bounds ``q.k`` by
@@ -340,9 +349,13 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
     q: ``[B, Hq, D]``; k_cache, v_cache: ``[B, S, Hkv, D]``; lengths: int ``[B]``.
     top_k_blocks: None (all blocks) or the number of blocks to keep.
     block_size: cache block (page) size.
-    num_splits: kernel impls: chunks of the cache processed in parallel.
+    num_splits: kernel impls: chunks of the cache processed in parallel
+      (default ``min(8, nk // 4)``, at least 1).
+    scale, softcap, impl, interpret: as ``block_sparse_attention``.
+
   Returns:
-    ``[B, Hq, D]`` in q's dtype. Not differentiable through the kernels.
+    ``[B, Hq, D]`` in q's dtype. Differentiable only with ``impl="xla"``
+    (plain jnp); the kernel impls are inference-only.
   """
   _check_qkv("decode_attention", q, k_cache, v_cache, q_rank=3)
   _check_scalars(scale, softcap)
@@ -387,8 +400,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
     chunk_sizes = BlockSizes(sizes.block_q, bk).fit(rep, per * bk, impl)
     segs = (jnp.zeros((b * n, rep), jnp.int32), kv_seg)
     o, lse = _run(impl, chunk_sizes, qn, kc, vc, masks_lib.FullMask(), segs, kinds,
-                  min(bound, per), scale, softcap, interpret,
-                  layout_fn=lambda cfg, *a: _FORWARD[impl](cfg, *a))
+                  (min(bound, per), 1), scale, softcap, interpret, forward_only=True)
     o = o[:, :rep].astype(jnp.float32).reshape(b, n, rep, hkv, d)
     lse = lse[..., :rep].reshape(b, n, hkv, rep).transpose(0, 1, 3, 2)
     o, _ = reference.merge_partials(o, lse, axis=1)

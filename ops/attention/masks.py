@@ -64,10 +64,10 @@ class Mask:
   """Base class. Subclasses define ``element`` and ``block_kinds``."""
 
   def __and__(self, other: "Mask") -> "Mask":
-    return AndMask(self, _check_mask(other))
+    return AndMask(self, check_mask(other))
 
   def __or__(self, other: "Mask") -> "Mask":
-    return OrMask(self, _check_mask(other))
+    return OrMask(self, check_mask(other))
 
   def element(self, i, j, head, num_heads: int, lookup: Lookup):
     """Bool array, the broadcast of ``i``, ``j`` (and ``head``): allowed pairs."""
@@ -94,7 +94,8 @@ class Mask:
     return np.broadcast_to(out, (num_heads, seq_q, seq_kv)).copy()
 
 
-def _check_mask(m) -> Mask:
+def check_mask(m) -> Mask:
+  """``m`` if it is a mask, else ValueError."""
   if not isinstance(m, Mask):
     raise ValueError(f"mask: expected an ops.attention mask, got {type(m).__name__}")
   return m
@@ -388,11 +389,12 @@ def block_kinds(mask: Mask, seq_q: int, seq_kv: int, block_q: int, block_kv: int
       only equal ids attend.
 
   Returns:
-    ``(kinds, bound)``: kinds (NumPy when everything is static, else jnp),
+    ``(kinds, bounds)``: kinds (NumPy when everything is static, else jnp),
     ``B' = B`` with segment ids else 1, ``H' = num_heads`` for a
-    head-dependent mask else 1; ``bound`` is a static upper bound on the
-    number of non-empty blocks in a row (from the mask alone; segment ids
-    only remove blocks).
+    head-dependent mask else 1; ``bounds = (per_q_block, per_kv_block)``
+    static upper bounds on the non-empty blocks of a query block (kv lists)
+    and of a kv block (query lists), from the mask alone (segment ids only
+    remove blocks); ``(nk, nq)`` for a traced mask.
   """
   mask.validate(seq_q, seq_kv, num_heads)
   static = _is_static(mask)
@@ -410,10 +412,16 @@ def block_kinds(mask: Mask, seq_q: int, seq_kv: int, block_q: int, block_kv: int
   if seq_kv % block_kv:   # the last kv block holds padding keys: never FULL
     kinds = xp.concatenate([kinds[..., :-1], xp.minimum(kinds[..., -1:], PARTIAL)], -1)
   kinds = kinds[None].astype(xp.int8)
-  bound = int(np.max((kinds > 0).sum(-1))) if static else nk
+  bounds = list_bounds(kinds) if static else (nk, nq)
   if segment_ids is not None:
     kinds = jnp.minimum(kinds, segment_kinds(*segment_ids, block_q, block_kv)[:, None])
-  return kinds, max(bound, 1)
+  return kinds, bounds
+
+
+def list_bounds(kinds: np.ndarray) -> tuple[int, int]:
+  """Longest kv list and longest query list of static kinds (at least 1)."""
+  nonempty = kinds > 0
+  return max(1, int(nonempty.sum(-1).max())), max(1, int(nonempty.sum(-2).max()))
 
 
 def segment_kinds(q_segment_ids, kv_segment_ids, block_q: int, block_kv: int):
@@ -435,7 +443,8 @@ def block_layout(kinds, max_blocks: int) -> BlockLayout:
 
   ``max_blocks`` (static) is the list length; a row with more non-empty
   blocks than that would be truncated, so pass an upper bound (from
-  ``block_kinds``). Works on NumPy (static) and jnp (traced) kinds.
+  ``block_kinds``). Works on NumPy (static) and jnp (traced) kinds; the
+  transposed kinds give the per-kv-block lists of query blocks.
   """
   xp = np if isinstance(kinds, np.ndarray) else jnp
   ncol = kinds.shape[-1]

@@ -189,80 +189,117 @@ def attention_reference(q, k, v, mask=None, *, segment_ids=None, scale=None, sof
 # XLA path: gather the listed kv blocks, online softmax over list slots
 
 
-class _Blocked:
-  """Blocked views and per-slot gathers shared by the XLA forward and backward.
+# Bytes of one scan step's float32 scores (a chunk of query blocks against one
+# kv block). Chunking the queries keeps the working set cache-sized, so the
+# XLA path's time grows linearly in T instead of with cache misses.
+_CHUNK_BYTES = 4 << 20
 
-  Queries are grouped by kv head: ``[B, G, R, nq, bq, D]`` with ``G = Hkv``,
-  ``R = Hq / Hkv``. The layout's head dim (1 or Hq) becomes ``[G', R']``.
+
+class _Blocked:
+  """Blocked, query-chunked views and per-slot gathers for the XLA path.
+
+  Queries are grouped by kv head, ``[B, G, R, nq, bq, D]`` with ``G = Hkv``
+  and ``R = Hq / Hkv``, and the ``nq`` query blocks are split into ``n``
+  chunks of ``c`` (padded with blocks whose lists are empty); an outer
+  ``lax.scan`` walks the chunks, an inner one the list slots. The layout's
+  head dim (1 or Hq) becomes ``[G', R']``.
   """
 
-  def __init__(self, cfg: Config, q, k, q_seg, kv_seg, leaves, layout):
+  def __init__(self, cfg: Config, q, k, kv_seg, leaves):
     self.cfg = cfg
     b, tp, hq, d = q.shape
-    g, r = cfg.num_kv_heads, cfg.rep
+    self.g, self.r = cfg.num_kv_heads, cfg.rep
     self.nq, self.nk = tp // cfg.block_q, k.shape[1] // cfg.block_kv
-    self.shape = (b, g, r, self.nq, cfg.block_q, d)
+    rows = _CHUNK_BYTES // (4 * b * hq * cfg.block_kv)
+    self.c = min(self.nq, max(1, rows // cfg.block_q))
+    self.n = -(-self.nq // self.c)
     self.mask = cfg.mask(leaves)
-
-    def heads(x):   # [B', H', nq, L] -> [B', G', R', nq, L]
-      return x.reshape(x.shape[0], g, r, *x.shape[2:]) if x.shape[1] > 1 else x[:, :, None]
-    self.index, self.kind = heads(layout.index), heads(layout.kind)
-    self.i = (jnp.arange(self.nq)[:, None] * cfg.block_q
-              + jnp.arange(cfg.block_q))[:, :, None]                       # [nq, bq, 1]
-    self.head = (jnp.arange(g)[:, None] * r + jnp.arange(r))[:, :, None, None, None]
-    self.q_seg = None if q_seg is None else q_seg.reshape(b, 1, 1, self.nq, cfg.block_q, 1)
     self.kv_seg = kv_seg
+    self.head = (jnp.arange(self.g)[:, None] * self.r
+                 + jnp.arange(self.r))[:, :, None, None, None]              # [G, R, 1, 1, 1]
     self.bidx = jnp.arange(b)[:, None, None, None]
-    self.gidx = jnp.arange(g)[None, :, None, None]
+    self.gidx = jnp.arange(self.g)[None, :, None, None]
 
-  def to_blocks_q(self, x):   # [B, Tp, Hq, X] -> [B, G, R, nq, bq, X]
-    b, g, r, nq, bq, _ = self.shape
-    return x.reshape(b, nq, bq, g, r, x.shape[-1]).transpose(0, 3, 4, 1, 2, 5)
+  def _chunk(self, x, axis: int):
+    """Splits the query-block axis (size nq) into chunks: ``[n, ..., c, ...]``."""
+    x = jnp.pad(x, [(0, self.n * self.c - self.nq if a == axis else 0) for a in range(x.ndim)])
+    x = x.reshape(x.shape[:axis] + (self.n, self.c) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
 
-  def from_blocks_q(self, x):  # inverse of to_blocks_q
-    b, g, r, nq, bq, _ = self.shape
-    return x.transpose(0, 3, 4, 1, 2, 5).reshape(b, nq * bq, g * r, x.shape[-1])
+  def _unchunk(self, x, axis: int):
+    """Inverse of ``_chunk`` (``axis`` counted without the leading chunk axis)."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(x.shape[:axis] + (self.n * self.c,) + x.shape[axis + 2:])
+    return jax.lax.slice_in_dim(x, 0, self.nq, axis=axis)
+
+  def q_chunks(self, x):      # [B, Tp, Hq, X] -> [n, B, G, R, c, bq, X]
+    b, x_dim = x.shape[0], x.shape[-1]
+    x = x.reshape(b, self.nq, self.cfg.block_q, self.g, self.r, x_dim)
+    return self._chunk(x.transpose(0, 3, 4, 1, 2, 5), 3)
+
+  def from_q_chunks(self, x):  # inverse of q_chunks
+    x = self._unchunk(x, 3)
+    b, x_dim = x.shape[0], x.shape[-1]
+    return x.transpose(0, 3, 4, 1, 2, 5).reshape(b, -1, self.g * self.r, x_dim)
+
+  def chunk_context(self, q_seg, layout):
+    """Per-chunk scan inputs: list indices/kinds, query positions and segments."""
+    def heads(x):   # [B', H', nq, L] -> [n, B', G', R', c, L]
+      x = x.reshape(x.shape[0], self.g, self.r, *x.shape[2:]) if x.shape[1] > 1 else x[:, :, None]
+      return self._chunk(x, 3)
+    i = jnp.arange(self.nq * self.cfg.block_q).reshape(self.nq, self.cfg.block_q, 1)
+    seg = None
+    if q_seg is not None:
+      seg = self._chunk(q_seg.reshape(q_seg.shape[0], self.nq, 1, 1, self.cfg.block_q, 1), 1)
+      seg = jnp.moveaxis(seg, 2, 4)          # [n, B, 1, 1, c, bq, 1]
+    return heads(layout.index), heads(layout.kind), self._chunk(i, 0), seg
 
   def to_blocks_kv(self, x):   # [B, Sp, Hkv, D] -> [B, G, nk, bk, D]
     b = x.shape[0]
     return x.reshape(b, self.nk, self.cfg.block_kv, x.shape[2], x.shape[3]).transpose(0, 3, 1, 2, 4)
 
-  def gather(self, x, idx):    # x [B, G, nk, bk, D], idx [B', G', R', nq] -> [B, G, R', nq, bk, D]
+  def gather(self, x, idx):    # x [B, G, nk, bk, D], idx [B', G', R', c] -> [B, G, R', c, bk, D]
     return x[self.bidx, self.gidx, idx]
 
-  def valid(self, idx, kind):
-    """Allowed pairs for list slot ``idx``/``kind`` [B', G', R', nq]: [.., nq, bq, bk]."""
+  def valid(self, i, q_seg, idx, kind):
+    """Allowed pairs of list slot ``idx``/``kind`` [B', G', R', c]: [.., c, bq, bk].
+
+    ``i`` [c, bq, 1] are the chunk's query positions, ``q_seg`` its segment
+    ids [B, 1, 1, c, bq, 1] (or None).
+    """
     cfg = self.cfg
     j = (idx[..., None] * cfg.block_kv + jnp.arange(cfg.block_kv))[..., None, :]
-    head = self.head
-    lookup = lambda a: a[head % a.shape[0], self.i, j]
+    lookup = lambda a: a[self.head % a.shape[0], i, j]
     kv_seg = None
-    if self.q_seg is not None:
+    if q_seg is not None:
       kv_seg = self.kv_seg[jnp.arange(self.kv_seg.shape[0])[:, None, None, None, None, None], j]
-    valid = masks_lib.valid_pairs(self.mask, self.i, j, head, cfg.num_heads, cfg.seq_kv, lookup,
-                                  self.q_seg, kv_seg)
+    valid = masks_lib.valid_pairs(self.mask, i, j, self.head, cfg.num_heads, cfg.seq_kv, lookup,
+                                  q_seg, kv_seg)
     return valid & (kind > 0)[..., None, None]
 
 
 def xla_forward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout):
   """Block-sparse forward over the listed kv blocks: ``(o [B,Tp,Hq,D], lse [B,Hq,Tp])``."""
-  blk = _Blocked(cfg, q, k, q_seg, kv_seg, leaves, layout)
-  qb = blk.to_blocks_q(q)
+  blk = _Blocked(cfg, q, k, kv_seg, leaves)
   kb, vb = blk.to_blocks_kv(k), blk.to_blocks_kv(v)
-  stat_shape = blk.shape[:-1] + (1,)
 
-  def step(carry, t):
-    idx, kind = blk.index[..., t], blk.kind[..., t]
-    kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
-    s, _ = logits(cfg, qb, kt)
-    return online_softmax_step(carry, s, vt, blk.valid(idx, kind)), None
+  def chunk(_, xs):
+    qb, (index, kind, i, seg) = xs
 
-  init = (jnp.full(stat_shape, MASK_VALUE, jnp.float32), jnp.zeros(stat_shape, jnp.float32),
-          jnp.zeros(blk.shape, jnp.float32))
-  (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(layout.max_blocks))
-  o, lse = finalize(m, l, acc)
-  b, tp, hq, _ = q.shape
-  return blk.from_blocks_q(o).astype(q.dtype), lse.reshape(b, hq, tp)
+    def step(carry, t):
+      idx = index[..., t]
+      s, _ = logits(cfg, qb, blk.gather(kb, idx))
+      return online_softmax_step(carry, s, blk.gather(vb, idx),
+                                 blk.valid(i, seg, idx, kind[..., t])), None
+
+    stats = jnp.zeros(qb.shape[:-1] + (1,), jnp.float32)
+    init = (stats + MASK_VALUE, stats, jnp.zeros(qb.shape, jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(layout.max_blocks))
+    o, lse = finalize(m, l, acc)
+    return None, (o.astype(q.dtype), lse)
+
+  _, (o, lse) = jax.lax.scan(chunk, None, (blk.q_chunks(q), blk.chunk_context(q_seg, layout)))
+  return blk.from_q_chunks(o), blk.from_q_chunks(lse)[..., 0].transpose(0, 2, 1)
 
 
 def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do):
@@ -271,38 +308,41 @@ def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do
   dk/dv are scatter-added into their kv block per slot, so the transposed
   layout is not needed.
   """
-  blk = _Blocked(cfg, q, k, q_seg, kv_seg, leaves, layout)
-  qb, dob = blk.to_blocks_q(q), blk.to_blocks_q(do)
+  blk = _Blocked(cfg, q, k, kv_seg, leaves)
   kb, vb = blk.to_blocks_kv(k), blk.to_blocks_kv(v)
-  b, tp, hq, _ = q.shape
-  lse_b = blk.to_blocks_q(lse.reshape(b, hq, tp).transpose(0, 2, 1)[..., None])
-  delta = blk.to_blocks_q(jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1,
-                                  keepdims=True))
-  r_sum = "r" if blk.index.shape[2] > 1 else ""
+  delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
+  rows = tuple(blk.q_chunks(x) for x in (q, do, lse.transpose(0, 2, 1)[..., None], delta))
+  r_sum = "r" if layout.index.shape[1] > 1 else ""   # per-head lists: scatter per query head
 
-  def step(carry, t):
-    dq, dk, dv = carry
-    idx, kind = blk.index[..., t], blk.kind[..., t]
-    kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
-    p, ds = probs_and_dlogits(cfg, qb, kt, vt, dob, lse_b, delta, blk.valid(idx, kind))
-    dq = dq + jnp.einsum("...ij,...jd->...id", ds.astype(k.dtype), kt,
-                         preferred_element_type=jnp.float32)
-    spec = f"bgrqij,bgrqid->bg{r_sum}qjd"
-    dk_t = jnp.einsum(spec, ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
-    dv_t = jnp.einsum(spec, p.astype(do.dtype), dob, preferred_element_type=jnp.float32)
-    if not r_sum:
-      dk_t, dv_t = dk_t[:, :, None], dv_t[:, :, None]
-    ii = (blk.bidx, blk.gidx, jnp.broadcast_to(idx, dk_t.shape[:4]))
-    return (dq, dk.at[ii].add(dk_t), dv.at[ii].add(dv_t)), None
+  def chunk(carry, xs):
+    (qb, dob, lse_b, delta_b), (index, kind, i, seg) = xs
 
-  kv_shape = kb.shape
-  init = (jnp.zeros(blk.shape, jnp.float32), jnp.zeros(kv_shape, jnp.float32),
-          jnp.zeros(kv_shape, jnp.float32))
-  (dq, dk, dv), _ = jax.lax.scan(step, init, jnp.arange(layout.max_blocks))
+    def step(carry, t):
+      dq, dk, dv = carry
+      idx = index[..., t]
+      kt, vt = blk.gather(kb, idx), blk.gather(vb, idx)
+      p, ds = probs_and_dlogits(cfg, qb, kt, vt, dob, lse_b, delta_b,
+                                blk.valid(i, seg, idx, kind[..., t]))
+      dq = dq + jnp.einsum("...ij,...jd->...id", ds.astype(k.dtype), kt,
+                           preferred_element_type=jnp.float32)
+      spec = f"bgrqij,bgrqid->bg{r_sum}qjd"
+      dk_t = jnp.einsum(spec, ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
+      dv_t = jnp.einsum(spec, p.astype(do.dtype), dob, preferred_element_type=jnp.float32)
+      if not r_sum:
+        dk_t, dv_t = dk_t[:, :, None], dv_t[:, :, None]
+      ii = (blk.bidx, blk.gidx, jnp.broadcast_to(idx, dk_t.shape[:4]))
+      return (dq, dk.at[ii].add(dk_t), dv.at[ii].add(dv_t)), None
+
+    (dq, dk, dv), _ = jax.lax.scan(step, (jnp.zeros(qb.shape, jnp.float32), *carry),
+                                   jnp.arange(layout.max_blocks))
+    return (dk, dv), dq.astype(q.dtype)
+
+  zeros = jnp.zeros(kb.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(chunk, (zeros, zeros), (rows, blk.chunk_context(q_seg, layout)))
 
   def kv_out(x, like):
     return x.transpose(0, 2, 3, 1, 4).reshape(like.shape).astype(like.dtype)
-  return blk.from_blocks_q(dq).astype(q.dtype), kv_out(dk, k), kv_out(dv, v)
+  return blk.from_q_chunks(dq), kv_out(dk, k), kv_out(dv, v)
 
 
 # --------------------------------------------------------------------------
@@ -318,7 +358,7 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
   ``sink_blocks`` kv blocks, the ``local_blocks`` kv blocks ending at the one
   holding the query block's last position, and the ``top_k`` best-scoring
   other blocks, all among the blocks ``mask`` allows. Returns ``(kinds,
-  bound)`` with ``bound`` a static upper bound on blocks per query block.
+  bounds)`` as ``masks.block_kinds``.
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
@@ -345,8 +385,8 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
     picked = (ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]
     selected = selected | picked.any(-2)
   kinds = jnp.where(selected, base, 0).astype(jnp.int8)
-  bound = min(top_k + local_blocks + sink_blocks, int(np.max(eligible.sum(-1))))
-  return kinds, max(bound, 1)
+  per_q, per_kv = masks_lib.list_bounds(base)
+  return kinds, (min(top_k + local_blocks + sink_blocks, per_q), per_kv)
 
 
 def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):

@@ -109,6 +109,17 @@ def test_xla_path_vs_float64(name):
   check(*qkv(*shape), mask, impl="xla", **kw)
 
 
+@pytest.mark.parametrize("name", ["cross_chunked_global_seg_softcap", "s2attn_segments_scale"])
+def test_xla_path_query_chunks(name, monkeypatch):
+  """Two query blocks per chunk of the outer scan (the last chunk padded)."""
+  from ops.attention import reference
+  (b, t, s, hq, hkv, d), mask, kw = CASES[name]
+  monkeypatch.setattr(reference, "_CHUNK_BYTES", 2 * kw["block_q"] * 4 * b * hq * kw["block_kv"])
+  t = 2 * kw["block_q"] + 5   # 3 query blocks: a chunk of 2, then a padded one
+  segs = (sorted_segments(b, t, 3), sorted_segments(b, s, 3))
+  check(*qkv(b, t, s, hq, hkv, d), mask, impl="xla", **{**kw, "segment_ids": segs})
+
+
 def test_xla_path_bfloat16():
   check(*qkv(1, 77, 77, 4, 2, 64, jnp.bfloat16), A.CausalMask(), impl="xla", block_q=32,
         block_kv=32)

@@ -74,7 +74,7 @@ def _brute_kinds(dense, bq, bk, t, s, padded_keys_mask=True):
 @pytest.mark.parametrize("bq,bk", [(16, 16), (8, 32), (32, 8), (83, 97)])
 def test_block_kinds_vs_brute_force(name, bq, bk):
   mask = MASKS[name]
-  kinds, bound = A.block_kinds(mask, T, S, bq, bk, H)
+  kinds, bounds = A.block_kinds(mask, T, S, bq, bk, H)
   assert isinstance(kinds, np.ndarray) and kinds.dtype == np.int8
   kinds = np.broadcast_to(kinds[0], (H,) + kinds.shape[2:])
   anyv, allv = _brute_kinds(mask.dense(T, S, H), bq, bk, T, S)
@@ -83,7 +83,8 @@ def test_block_kinds_vs_brute_force(name, bq, bk):
   if name in EXACT:
     np.testing.assert_array_equal(kinds, np.where(allv, M.FULL, np.where(anyv, M.PARTIAL,
                                                                          M.EMPTY)))
-  assert bound == max(1, int((kinds > 0).sum(-1).max()))
+  nonempty = kinds > 0
+  assert bounds == (max(1, nonempty.sum(-1).max()), max(1, nonempty.sum(-2).max()))
 
 
 def test_segment_kinds_vs_brute_force():
@@ -115,8 +116,8 @@ def test_traced_dense_mask_and_segments_under_jit():
 
   @jax.jit
   def f(dense, qs, ks):
-    kinds, bound = A.block_kinds(A.CausalMask() & A.DenseMask(dense), T, S, 16, 32, H, (qs, ks))
-    assert bound == -(-S // 32)   # traced mask: the static bound is every kv block
+    kinds, bounds = A.block_kinds(A.CausalMask() & A.DenseMask(dense), T, S, 16, 32, H, (qs, ks))
+    assert bounds == (-(-S // 32), -(-T // 16))   # traced mask: every block
     return kinds
   traced = np.asarray(f(jnp.asarray(DENSE), qs, ks))
   seg = np.asarray(M.segment_kinds(qs, ks, 16, 32))[:, None]
