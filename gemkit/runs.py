@@ -63,7 +63,9 @@ def load(workdir: str | pathlib.Path, step: int | None = None):
   """(model, config) from a run directory's checkpoint (latest step by default).
 
   The model is rebuilt from the model config recorded in the checkpoint, so
-  it does not depend on the experiment file still being the same.
+  it does not depend on the experiment file still being the same. A
+  checkpoint written by ``launch.quantize`` records its quantization rules,
+  and the model comes back quantized the same way (``gemkit.quantize``).
   """
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -83,7 +85,16 @@ def load(workdir: str | pathlib.Path, step: int | None = None):
       raise ConfigError("workdir", f"no complete checkpoint under {directory}")
     meta = checkpointer.meta(step)
     model_cfg = mlc.ConfigDict(meta["model"])
-    abstract = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
+    quantization = meta.get("quantization")
+
+    def build():
+      model = models.build(model_cfg, rngs=nnx.Rngs(0))
+      if quantization:
+        from gemkit import quantize  # pylint: disable=g-import-not-at-top
+        model, _ = quantize.quantize_model(model, quantization["rules"])
+      return model
+
+    abstract = nnx.eval_shape(build)
     graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
     saved = checkpointer.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
