@@ -36,7 +36,7 @@ import pathlib
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -174,6 +174,10 @@ def count_params(tree) -> int:
 class Trainer:
   """Builds everything a run needs from a config and trains it, resumably.
 
+  A run with a checkpoint in ``workdir`` is restored straight into this mesh's
+  shardings (against ``abstract_state``), whatever mesh, device count or
+  process count saved it; otherwise the state is initialized on the mesh.
+
   Args:
     config: a validated experiment ConfigDict.
     workdir: run directory; checkpoints under ``<workdir>/checkpoints``,
@@ -195,7 +199,7 @@ class Trainer:
     sharding_lib.check_batch(self.mesh, config.train.batch_size, config.data.seq_len)
     self.corpus = data_lib.Corpus.from_config(config.data)
     self.tx, self.schedule = optim.make_optimizer(config.train)
-    self._build_state()
+    init = self._build_state()
     self.data = data_lib.train_dataset(self.corpus, config.data, config.train.batch_size,
                                        config.seed, jax.process_index(), jax.process_count())
     self.data_iter = iter(self.data)
@@ -203,12 +207,16 @@ class Trainer:
         self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
         async_save=config.train.async_checkpoint)
     self.resumed_from = self._maybe_restore()
+    if self.resumed_from is None:
+      with sharding_lib.activate(self.mesh):
+        self.state = init()
     self._compile()
     self.history: list[dict] = []
 
   # -- construction ---------------------------------------------------------
 
-  def _build_state(self) -> None:
+  def _build_state(self) -> Callable[[], TrainState]:
+    """Sets the state's shardings and abstract shapes; returns the jitted initializer."""
     cfg = self.config
     abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
     graphdef, params_state, frozen_state = nnx.split(abstract, nnx.Param, ...)
@@ -234,9 +242,12 @@ class Trainer:
       self.state_sharding = TrainState(step=replicated, params=param_sh, frozen=frozen_sh,
                                        opt_state=opt_sh, rng=replicated,
                                        nonfinite_run=replicated, nonfinite_total=replicated)
-      self.state = jax.jit(functools.partial(init, cfg.seed),
-                           out_shardings=self.state_sharding)()
-    self.num_params = count_params(self.state.params) + count_params(self.state.frozen)
+    # What a restore fills in: shapes, dtypes and this mesh's shardings (no memory).
+    self.abstract_state = jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        shapes, self.state_sharding)
+    self.num_params = count_params(shapes.params) + count_params(shapes.frozen)
+    return jax.jit(functools.partial(init, cfg.seed), out_shardings=self.state_sharding)
 
   def _compile(self) -> None:
     cfg = self.config
@@ -272,7 +283,7 @@ class Trainer:
       raise ConfigError("data", f"{where} was trained on corpus "
                         f"{saved.get('corpus_fingerprint')}, this one is "
                         f"{self.corpus.fingerprint}: resuming would not be exact")
-    self.state = self.checkpointer.restore(step, self.state, self.data_iter)
+    self.state = self.checkpointer.restore(step, self.abstract_state, self.data_iter)
     self.writer.truncate_after(step)
     return step
 

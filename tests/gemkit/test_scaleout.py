@@ -182,11 +182,12 @@ def test_sigterm_on_one_process_stops_both_at_the_same_saved_step(two_processes)
 @pytest.mark.parametrize("devices", [4, 1])
 def test_restore_8_device_checkpoint_onto_fewer_devices(setup, two_processes, devices,
                                                         tmp_path):
-  """Saved by 2 processes x 4 devices; restored by one process on 4 and on 1 device."""
+  """Saved by 2 processes x 4 devices (data x fsdp x tensor); restored by one process on
+  4 devices (fsdp x sequence) and on 1 device."""
   import shutil  # pylint: disable=g-import-not-at-top
   workdir, _ = two_processes
   shutil.copytree(workdir / "copy3", tmp_path / "run")
-  mesh = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2} if devices == 4 else {}
+  mesh = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.sequence": 2} if devices == 4 else {}
   overrides = {**setup.overrides, **mesh}
   if devices == 1:    # in this (single-device) process
     t = train.Trainer(tiny_config(**overrides), tmp_path / "run")
