@@ -104,9 +104,6 @@ class Checkpointer:
     """The newest complete step (None if there is none)."""
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
-
   def save(self, step: int, state: Any, meta: dict, data_iter=None, *,
            force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}

@@ -108,11 +108,6 @@ def mesh_shapes(mesh_cfg, num_devices: int,
   return ici, dcn
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  """Sizes of the mesh axes (data, fsdp, sequence, tensor) on one slice."""
-  return mesh_shapes(mesh_cfg, num_devices)[0]
-
-
 def device_grid(mesh_cfg, devices: Sequence[Any]) -> np.ndarray:
   """Devices arranged as the mesh [data, fsdp, sequence, tensor]."""
   slices = num_slices(devices, mesh_cfg)
@@ -133,13 +128,6 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   """The Mesh of ``config.mesh`` over ``devices`` (default: all devices of the job)."""
   devices = jax.devices() if devices is None else list(devices)
   return Mesh(device_grid(mesh_cfg, devices), AXES)
-
-
-def describe(mesh: Mesh) -> str:
-  """e.g. ``data=2 fsdp=4 sequence=1 tensor=1 (8 devices, 2 processes)``."""
-  axes = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
-  processes = len({d.process_index for d in mesh.devices.flat})
-  return f"{axes} ({mesh.devices.size} devices, {processes} process(es))"
 
 
 @contextlib.contextmanager
@@ -187,7 +175,7 @@ def check_batch(mesh: Mesh, batch_size: int, seq_len: int) -> None:
     return
   index_map = batch_sharding(mesh).devices_indices_map((batch_size, seq_len))
   owned: dict[int, set[int]] = {p: set() for p in processes}
-  for device, (row_slice, col_slice) in index_map.items():
+  for device, (row_slice, _) in index_map.items():
     owned[device.process_index].update(range(*row_slice.indices(batch_size)))
   share = batch_size // len(processes)
   if any(len(r) != share for r in owned.values()):

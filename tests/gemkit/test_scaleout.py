@@ -9,7 +9,9 @@ each. A single-process, single-device run of the same config is the reference.
 import json
 import os
 import pathlib
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import types
@@ -17,7 +19,6 @@ import types
 import jax
 import ml_collections
 import numpy as np
-import portpicker
 import pytest
 
 from gemkit import config as config_lib
@@ -93,6 +94,12 @@ def _env(devices):
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
 def _last_json(stdout):
   return json.loads(stdout.strip().splitlines()[-1])
 
@@ -132,7 +139,7 @@ def two_processes(setup):
   """Runs MULTI_SCRIPT as processes 0 and 1; returns (workdir, [result0, result1])."""
   workdir = setup.root / "multi"
   workdir.mkdir()
-  port = portpicker.pick_unused_port()
+  port = _free_port()
   overrides = json.dumps({**setup.overrides, **MULTI_MESH})
   procs = [subprocess.Popen([sys.executable, "-c", MULTI_SCRIPT, str(pid), str(port),
                              str(workdir), overrides], cwd=REPO, env=_env(4), text=True,
@@ -184,7 +191,6 @@ def test_restore_8_device_checkpoint_onto_fewer_devices(setup, two_processes, de
                                                         tmp_path):
   """Saved by 2 processes x 4 devices (data x fsdp x tensor); restored by one process on
   4 devices (fsdp x sequence) and on 1 device."""
-  import shutil  # pylint: disable=g-import-not-at-top
   workdir, _ = two_processes
   shutil.copytree(workdir / "copy3", tmp_path / "run")
   mesh = {"mesh.data": 1, "mesh.fsdp": 2, "mesh.sequence": 2} if devices == 4 else {}
@@ -238,11 +244,12 @@ def test_sigterm_saves_at_the_step_boundary_and_resume_continues_the_curve(setup
     return batch
 
   _hook_train_steps(t, sigterm_in_step_5)
+  handler = signal.getsignal(signal.SIGTERM)
   with pytest.raises(train.Preempted) as stopped:
     t.run()
   t.close()
   assert stopped.value.step == 5 and stopped.value.code == 0
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL       # handler restored
+  assert signal.getsignal(signal.SIGTERM) == handler               # restored after the run
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["5"]
   resumed = train.Trainer(tiny_config(**setup.overrides), tmp_path)
   assert resumed.resumed_from == 5
