@@ -275,7 +275,8 @@ def block_sparse_attention(q, k, v, mask=None, *, segment_ids=None, scale=None, 
 
 
 def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_blocks=1,
-                         causal=True, scale=None, impl="auto", interpret=None):
+                         causal=True, segment_ids=None, scale=None, softcap=None, impl="auto",
+                         interpret=None):
   """Attention over dynamically selected kv blocks (MoBA / NSA selection / Quest).
 
   Each query block of ``block_size`` rows scores every kv block by the
@@ -302,14 +303,15 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
       of 128; shrunk for short sequences like ``BlockSizes.fit``).
     local_blocks, sink_blocks: always-kept blocks.
     causal: ``j <= i``.
-    scale: logit scale, default ``1 / sqrt(D)``.
-    impl, interpret: as ``block_sparse_attention``.
+    segment_ids: as ``block_sparse_attention``; blocks of other documents
+      are not eligible (the block means may still span a boundary).
+    scale, softcap, impl, interpret: as ``block_sparse_attention``.
 
   Returns:
     ``[B, T, Hq, D]`` in q's dtype.
   """
   _check_qkv("topk_block_attention", q, k, v)
-  _check_scalars(scale, None)
+  _check_scalars(scale, softcap)
   for name, val, lo in (("top_k", top_k, 0), ("block_size", block_size, 1),
                         ("local_blocks", local_blocks, 0), ("sink_blocks", sink_blocks, 0)):
     if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < lo:
@@ -319,12 +321,13 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
                      f"got {top_k} + {local_blocks} + {sink_blocks}")
   b, t, hq, _ = q.shape
   s = k.shape[1]
+  segs = _segments(segment_ids, b, t, s)
   impl, sizes = _resolve("topk_block_attention", impl, q, block_size, block_size, t, s)
   mask = masks_lib.CausalMask() if causal else masks_lib.FullMask()
   kinds, bounds = reference.topk_block_kinds(
       q, k, mask, top_k=top_k, block_q=sizes.block_q, block_kv=sizes.block_kv,
-      local_blocks=local_blocks, sink_blocks=sink_blocks)
-  return _run(impl, sizes, q, k, v, mask, None, kinds, bounds, scale, None, interpret)
+      local_blocks=local_blocks, sink_blocks=sink_blocks, segment_ids=segs)
+  return _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interpret)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_size=128,
@@ -383,9 +386,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   nk = kinds.shape[-1]
   bound = nk if top_k_blocks is None else min(top_k_blocks, nk)
   if impl == "xla":
+    layout = None if top_k_blocks is None else masks_lib.block_layout(kinds, bound)
     o = reference.xla_decode(qg, common.pad_axis(k_cache, 1, bk), common.pad_axis(v_cache, 1, bk),
-                             lengths, masks_lib.block_layout(kinds, bound), bk,
-                             1.0 / np.sqrt(d) if scale is None else scale, softcap)
+                             lengths, layout, bk, 1.0 / np.sqrt(d) if scale is None else scale,
+                             softcap)
   else:
     n = num_splits or max(1, min(8, nk // 4))
     per = common.cdiv(nk, n)
@@ -393,7 +397,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
     kc, vc = (jnp.pad(x, ((0, 0), (0, sp - s), (0, 0), (0, 0))) for x in (k_cache, v_cache))
     kc, vc = (x.reshape(b * n, per * bk, hkv, d) for x in (kc, vc))
     kinds = jnp.pad(kinds, ((0, 0), (0, 0), (0, 0), (0, n * per - nk)))
-    kinds = kinds.reshape(b, kinds.shape[1], 1, n, per).transpose(0, 3, 1, 2, 4).reshape(b * n, -1, 1, per)
+    kinds = kinds.reshape(b, kinds.shape[1], 1, n, per).transpose(0, 3, 1, 2, 4)
+    kinds = kinds.reshape(b * n, -1, 1, per)
     pos = jnp.arange(n * per * bk).reshape(n, per * bk)
     kv_seg = jnp.where(pos[None] < lengths[:, None, None], 0, 1).reshape(b * n, per * bk)
     qn = jnp.repeat(qg, n, axis=0)

@@ -350,20 +350,24 @@ def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do
 
 
 def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
-                     local_blocks: int, sink_blocks: int):
+                     local_blocks: int, sink_blocks: int, segment_ids=None):
   """Kinds ``[B, Hq, nq, nk]`` of the blocks ``topk_block_attention`` visits.
 
   Block score ``<mean q of the query block, mean k of the kv block>`` per
   query head (padding rows excluded from the means); kept: the first
   ``sink_blocks`` kv blocks, the ``local_blocks`` kv blocks ending at the one
   holding the query block's last position, and the ``top_k`` best-scoring
-  other blocks, all among the blocks ``mask`` allows. Returns ``(kinds,
-  bounds)`` as ``masks.block_kinds``.
+  other blocks, all among the blocks ``mask`` (and ``segment_ids``, a
+  ``(q_seg, kv_seg)`` pair) allows. Returns ``(kinds, bounds)`` as
+  ``masks.block_kinds``.
   """
   b, t, hq, d = q.shape
   s, hkv = k.shape[1], k.shape[2]
   base, _ = masks_lib.block_kinds(mask, t, s, block_q, block_kv, hq)      # NumPy [1,1,nq,nk]
   nq, nk = base.shape[-2:]
+  per_q, per_kv = masks_lib.list_bounds(base)
+  if segment_ids is not None:
+    base = jnp.minimum(base, masks_lib.segment_kinds(*segment_ids, block_q, block_kv)[:, None])
 
   def pooled(x, n, block, length):
     x = jax.lax.stop_gradient(x).astype(jnp.float32)
@@ -385,7 +389,6 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
     picked = (ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]
     selected = selected | picked.any(-2)
   kinds = jnp.where(selected, base, 0).astype(jnp.int8)
-  per_q, per_kv = masks_lib.list_bounds(base)
   return kinds, (min(top_k + local_blocks + sink_blocks, per_q), per_kv)
 
 
@@ -421,26 +424,31 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
 
 
 def xla_decode(qg, k_cache, v_cache, lengths, layout, block_kv: int, scale: float, softcap):
-  """Flash-decoding in XLA: one partial ``(o, lse)`` per listed cache block, LSE-merged.
+  """Flash-decoding in XLA: one partial ``(o, lse)`` per cache block, LSE-merged.
 
   ``qg [B, R, Hkv, D]`` (query heads grouped by kv head), padded caches
-  ``[B, nk * bk, Hkv, D]``, layout ``[B, 1 or Hkv, 1, L]`` -> ``[B, R, Hkv, D]``.
+  ``[B, nk * bk, Hkv, D]``; ``layout`` ``[B, 1 or Hkv, 1, L]`` lists the
+  blocks to visit (gathered), None visits every block in place.
+  Returns ``[B, R, Hkv, D]`` float32.
   """
   b, sp, hkv, d = k_cache.shape
   nk = sp // block_kv
-  idx, kind = layout.index[:, :, 0], layout.kind[:, :, 0]           # [B, H', L]
-  ii = (jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], idx)
-  kt, vt = (x.reshape(b, nk, block_kv, hkv, d).transpose(0, 3, 1, 2, 4)[ii]
-            for x in (k_cache, v_cache))                              # [B, G, L, bk, D]
+  kt, vt = (x.reshape(b, nk, block_kv, hkv, d).transpose(0, 3, 1, 2, 4)   # [B, G, nk, bk, D]
+            for x in (k_cache, v_cache))
+  if layout is None:
+    idx, listed = jnp.arange(nk)[None, None], True
+  else:
+    idx, kind = layout.index[:, :, 0], layout.kind[:, :, 0]             # [B, H', L]
+    ii = (jnp.arange(b)[:, None, None], jnp.arange(hkv)[None, :, None], idx)
+    kt, vt, listed = kt[ii], vt[ii], (kind > 0)[..., None]              # [B, G, L, bk, D]
   s = jnp.einsum("brgd,bgljd->bgrlj", qg, kt, preferred_element_type=jnp.float32) * scale
   s, _ = apply_softcap(s, softcap)
   j = idx[..., None] * block_kv + jnp.arange(block_kv)
-  valid = ((j < lengths[:, None, None, None]) & (kind > 0)[..., None])[:, :, None]
+  valid = ((j < lengths[:, None, None, None]) & listed)[:, :, None]
   m = jnp.max(jnp.where(valid, s, MASK_VALUE), -1)
   p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
-  l = p.sum(-1)
   o = jnp.einsum("bgrlj,bgljd->bgrld", p.astype(v_cache.dtype), vt,
                  preferred_element_type=jnp.float32)
-  o, lse = finalize(m[..., None], l[..., None], o)
+  o, lse = finalize(m[..., None], p.sum(-1)[..., None], o)
   o, _ = merge_partials(o, lse[..., 0], axis=3)                       # [B, G, R, D]
   return o.transpose(0, 2, 1, 3)

@@ -12,6 +12,16 @@ float32 VMEM scratch. Follows FlashAttention-2 (Dao, 2023) and the
 scalar-prefetch sparse pattern of the Pallas TPU guide.
 
 Interpret mode on CPU: ``pltpu.InterpretParams`` (the op's ``interpret``).
+
+Not verified on hardware (no TPU was available): the kernels run correctly
+in TPU interpret mode, race-free on 2 simulated cores, and pass the JAX-side
+Mosaic lowering, but libtpu's own compile (layouts of the ``(bq, 1)``
+statistics and of int8 ``DenseMask`` tiles, which may need ``block_q % 32``)
+and speed are unmeasured. The block lists live in SMEM: a per-batch
+(segment ids, top-k) and per-head layout holds ``B * Hq * nq * L`` int32s
+twice, which bounds B * Hq * T on TPU. ``jax.vmap`` of these kernels works
+when lowered for TPU but not in TPU interpret mode (a jax 0.10.2 limitation
+with ``dimension_semantics``).
 """
 
 from __future__ import annotations

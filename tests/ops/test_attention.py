@@ -213,8 +213,10 @@ def test_topk_vs_independent_selection(causal):
 def test_topk_covering_all_blocks_is_dense_causal():
   q, k, v = qkv(2, 100, 100, 8, 2, 64)
   w = rand(q.shape)
-  f = lambda q, k, v: A.topk_block_attention(q, k, v, top_k=4, block_size=32, impl="xla")
-  ref_o, ref_g = reference64(q, k, v, A.CausalMask(), w)
+  seg = sorted_segments(2, 100, 3)
+  f = lambda q, k, v: A.topk_block_attention(q, k, v, top_k=4, block_size=32, segment_ids=seg,
+                                             softcap=20.0, impl="xla")
+  ref_o, ref_g = reference64(q, k, v, A.CausalMask(), w, segment_ids=(seg, seg), softcap=20.0)
   o, got = _value_and_vjp(f, (q, k, v), w)
   assert_rel_close(o, ref_o, TOL["float32"])
   for g, r in zip(got, ref_g):
@@ -225,7 +227,7 @@ def test_topk_covering_all_blocks_is_dense_causal():
 # decode_attention
 
 
-def decode_reference(q, kc, vc, lengths, mask_fn=None):
+def decode_reference(q, kc, vc, lengths, mask_fn=None, **kw):
   """Last row of float64 causal attention over each sequence's prefix."""
   out = []
   for b, n in enumerate(np.asarray(lengths)):
@@ -234,7 +236,7 @@ def decode_reference(q, kc, vc, lengths, mask_fn=None):
       continue
     qf = jnp.zeros((1, n) + q.shape[1:], q.dtype).at[0, n - 1].set(q[b])
     mask = A.CausalMask() if mask_fn is None else A.CausalMask() & mask_fn(b, n)
-    o, _ = reference64(qf, kc[b:b + 1, :n], vc[b:b + 1, :n], mask)
+    o, _ = reference64(qf, kc[b:b + 1, :n], vc[b:b + 1, :n], mask, **kw)
     out.append(o[0, -1])
   return np.stack(out)
 
@@ -252,9 +254,11 @@ def test_decode_bfloat16_and_jit():
   kc, vc = rand((2, 130, 1, 128), jnp.bfloat16), rand((2, 130, 1, 128), jnp.bfloat16)
   q = rand((2, 4, 128), jnp.bfloat16)
   lengths = jnp.asarray([130, 64], jnp.int32)
-  o = jax.jit(lambda *a: A.decode_attention(*a, block_size=64))(q, kc, vc, lengths)
+  o = jax.jit(lambda *a: A.decode_attention(*a, block_size=64, scale=0.2, softcap=5.0))(
+      q, kc, vc, lengths)
   assert o.dtype == jnp.bfloat16
-  assert_rel_close(o, decode_reference(q, kc, vc, lengths), TOL["bfloat16"])
+  assert_rel_close(o, decode_reference(q, kc, vc, lengths, scale=0.2, softcap=5.0),
+                   TOL["bfloat16"])
 
 
 def quest_mask(q, kc, lengths, top_k, bs):
