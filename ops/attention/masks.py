@@ -56,8 +56,6 @@ class BlockGrid:
   num_heads: int
   block_q: int
   block_kv: int
-  seq_q: int
-  seq_kv: int
 
 
 class Mask:
@@ -407,7 +405,7 @@ def block_kinds(mask: Mask, seq_q: int, seq_kv: int, block_q: int, block_kv: int
       q_lo=q_lo[None, :, None], q_hi=np.minimum(q_lo + block_q, seq_q)[None, :, None] - 1,
       k_lo=k_lo[None, None, :], k_hi=np.minimum(k_lo + block_kv, seq_kv)[None, None, :] - 1,
       head=np.arange(h)[:, None, None], num_heads=num_heads, block_q=block_q,
-      block_kv=block_kv, seq_q=seq_q, seq_kv=seq_kv)
+      block_kv=block_kv)
   kinds = xp.broadcast_to(mask.block_kinds(grid, xp), (h, nq, nk))
   if seq_kv % block_kv:   # the last kv block holds padding keys: never FULL
     kinds = xp.concatenate([kinds[..., :-1], xp.minimum(kinds[..., -1:], PARTIAL)], -1)
