@@ -147,6 +147,42 @@ def test_training_through_a_quantized_base():
   assert np.abs(grads["blocks"][0]["attn_norm"]["scale"]).max() > 0
 
 
+SHARDED = """
+import json
+import jax, numpy as np
+from flax import nnx
+from gemkit import sharding
+from models import layers
+from tests.helpers import tiny_config
+mesh = sharding.make_mesh(tiny_config(**{"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 2}).mesh)
+x = jax.random.normal(jax.random.key(0), (4, 16, 128))
+out = []
+for kw in [dict(fmt="nf4", double_quant=True), dict(fmt="int8", act_fmt="int8",
+                                                    outlier_threshold=2.0)]:
+  d = layers.Dense(128, 256, names=("embed", "mlp"), rngs=nnx.Rngs(0))
+  d.quantize(**kw)
+  graphdef, state = nnx.split(d)
+  state = jax.device_put(state, sharding.param_shardings(state, mesh))  # as Trainer does
+  with sharding.activate(mesh):
+    y = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x)
+  q = state["quantized"]
+  out.append([list(q["values"][...].sharding.spec), list(q["scales"][...].sharding.spec),
+              float(np.abs(np.asarray(y) - np.asarray(d(x))).max())])
+print(json.dumps(out))
+"""
+
+
+def test_quantized_state_shards_by_logical_names_on_a_mesh():
+  out = subprocess.run([sys.executable, "-c", SHARDED], cwd=REPO, capture_output=True,
+                       text=True, timeout=300,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  for values, scales, err in json.loads(out.stdout.splitlines()[-1]):
+    assert values == ["fsdp", "tensor"] and scales == [None, "tensor"]   # [K(/2), N], [K/G, N]
+    assert err < 1e-5
+
+
 # --- launch.quantize end to end on a tiny trained run ------------------------------
 
 FORMATS = ["int4-g32-asym", "w8a8-llm.int8"]
