@@ -14,9 +14,9 @@ A step directory holds three items:
          incompatible model), the data config and corpus fingerprint.
 
 orbax writes a step to a temporary directory and renames it to ``<step>`` only
-when every process has finished (on object stores without atomic rename it
-marks completion with a commit file instead), so ``latest_step`` never sees a
-half-written step and a run killed mid-save resumes from the last complete one.
+when every process has finished, so ``latest_step`` never sees a half-written
+step and a run killed mid-save resumes from the last complete one. The
+directory is a local path; on several hosts, one every host mounts (NFS, ...).
 """
 
 from __future__ import annotations
@@ -59,12 +59,13 @@ class DataIteratorHandler(grain.checkpoint.CheckpointHandler):
     if own.exists():
       return super().restore(directory, item=item)
     saved = sorted(pathlib.Path(directory).glob("process_*-of-*.json"))
+    if not saved:
+      raise ConfigError("workdir", f"{directory} holds no data iterator state")
     states = {f.read_text() for f in saved}
     if len(states) != 1:
-      raise ConfigError("workdir", f"{directory} holds {len(saved)} data iterator "
-                        f"states at different positions; resume with the process "
-                        f"count that saved them ({saved[0].stem.split('-of-')[-1]})"
-                        if saved else f"{directory} holds no data iterator state")
+      raise ConfigError("workdir", f"{directory} holds {len(saved)} data iterator states "
+                        "at different positions; resume with the process count that "
+                        f"saved them ({saved[0].stem.split('-of-')[-1]})")
     item.set_state(json.loads(states.pop()))
     item.start_prefetch()
     return item
