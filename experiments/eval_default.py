@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.heldout.path = ""               # "": the run's held-out split; else text files (comma-separated)
   c.heldout.window = 0              # tokens per window; 0: the run's data.seq_len
   c.heldout.stride = 64             # heldout_bpb_sliding only
-  c.heldout.max_tokens = 32768      # documents in order until this many tokens
+  c.heldout.max_tokens = 65536      # documents in order until this many tokens in all
+  c.heldout.max_doc_tokens = 4096   # the first this many of each document; 0: whole documents
 
   # JSONL task files (gemkit/tasks.py has the schema).
   c.tasks = ml_collections.ConfigDict()

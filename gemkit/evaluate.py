@@ -272,7 +272,11 @@ def protocol(kind: str, window: int, stride: int) -> str:
 
 
 def heldout_documents(run_config, heldout_cfg, max_documents: int | None = None):
-  """(token documents, corpus fingerprint, source) of the held-out text, capped by max_tokens."""
+  """(token documents, corpus fingerprint, source) of the held-out text.
+
+  Documents in order, each cut to its first ``max_doc_tokens`` (0: whole),
+  until ``max_tokens`` in all (the last one cut to fit) or ``max_documents``.
+  """
   if heldout_cfg.path:
     docs = data_lib.text_documents([p for p in heldout_cfg.path.split(",") if p])
     stream = data_lib.TokenStream.from_documents(docs)
@@ -289,9 +293,14 @@ def heldout_documents(run_config, heldout_cfg, max_documents: int | None = None)
   for a, b in zip(bounds[:-1], bounds[1:]):
     if budget <= 1 or (max_documents and len(docs) >= max_documents):
       break
-    doc = stream.tokens[a:min(b, a + budget)].astype(np.int32)
+    n = min(b - a, budget, heldout_cfg.max_doc_tokens or b - a)
+    doc = stream.tokens[a:a + n].astype(np.int32)
     docs.append(doc)
     budget -= doc.size
+  cap = heldout_cfg.max_doc_tokens
+  source += (f": the first {len(docs)} documents in order"
+             f"{f', each cut to its first {cap} tokens' if cap else ''}, "
+             f"{sum(d.size for d in docs)} tokens")
   return docs, fingerprint, source
 
 
@@ -376,6 +385,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   need(h.stride >= 1 and (h.window == 0 or h.stride <= h.window), "heldout.stride",
        f"must be in [1, heldout.window], got {h.stride}")
   need(h.max_tokens >= 2, "heldout.max_tokens", f"must be >= 2, got {h.max_tokens}")
+  need(h.max_doc_tokens == 0 or h.max_doc_tokens >= 2, "heldout.max_doc_tokens",
+       f"must be 0 (whole documents) or >= 2, got {h.max_doc_tokens}")
   need(cfg.tasks.max_length >= 0, "tasks.max_length", f"must be >= 0, got {cfg.tasks.max_length}")
   need(cfg.tasks.max_new_tokens >= 1, "tasks.max_new_tokens",
        f"must be >= 1, got {cfg.tasks.max_new_tokens}")
@@ -649,7 +660,11 @@ def plot_accuracy(rows: Sequence[dict], task: str, path: str | pathlib.Path) -> 
                 yerr=[r["stderr"][metric] or 0.0 for r in group], marker="o", capsize=3,
                 label=None if series_key is None else f"{series_key}={key}")
   if task in ("passkey", "mqar"):
+    from matplotlib import ticker  # pylint: disable=g-import-not-at-top
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({r["setting"][x_key] for r in rows}))
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
   ax.set(xlabel=label, ylabel=metric, ylim=(-0.03, 1.03), title=f"{task}: {metric} vs length")
   if series_key:
     ax.legend(fontsize=8)
@@ -684,8 +699,8 @@ def plot_bpb_variants(variants: Sequence[tuple[str, float, float | None]],
   labels = [v[0] for v in variants]
   ax.bar(labels, [v[1] for v in variants], yerr=[v[2] or 0.0 for v in variants], capsize=4)
   for i, v in enumerate(variants):
-    ax.annotate(f"{v[1]:.4f}", (i, v[1]), ha="center", va="bottom", fontsize=8,
-                xytext=(0, 3), textcoords="offset points")
+    ax.annotate(f"{v[1]:.4f}", (i, v[1]), ha="center", va="top", fontsize=8, color="white",
+                xytext=(0, -4), textcoords="offset points")
   ax.set(ylabel="held-out bits per byte", title="bits per byte by variant")
   return _save(fig, path)
 

@@ -69,7 +69,7 @@ def _run():
         f"{'+dirty' if s['git_dirty'] else ''}, corpus {s['corpus_fingerprint']})")
   for row in report["results"]:
     if "protocol" in row:
-      print(f"{row['task']}: {row['protocol']}")
+      print(f"{row['task']}: {row['protocol']}; {row['source']}")
   print(evaluate.markdown_table(report["results"]))
   for v in report.get("bpb_variants", ()):
     print(f"bpb {v['label']}: {v['bits_per_byte']:.4f} ± {v['stderr'] or 0:.4f} ({v['checkpoint']})")

