@@ -235,27 +235,37 @@ def train_dataset(corpus: Corpus, data_cfg, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
   """Shuffled (reshuffled every epoch), process-sharded, batched windows.
 
-  ``batch_size`` is the global batch; each process gets its
-  ``batch_size // process_count`` rows.
+  ``batch_size`` is the global batch. Process i gets rows
+  [i * b, (i + 1) * b) of every global batch, b = batch_size // process_count,
+  so the global batch (rows in process order) is the same for any number of
+  processes.
   """
   if batch_size % process_count:
     raise ConfigError("train.batch_size",
                       f"{batch_size} is not divisible by {process_count} processes")
   ds = (grain.MapDataset.source(PackedWindows(corpus.train, data_cfg.seq_len))
         .shuffle(seed=seed).repeat(None))
-  ds = ds[process_index::process_count].batch(batch_size // process_count,
-                                              drop_remainder=True)
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  ds = ds[process_index::process_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
                                               prefetch_buffer_size=data_cfg.prefetch))
 
 
 def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
                  max_windows: int) -> Iterator[dict[str, np.ndarray]]:
-  """Disjoint held-out windows in order; the last batch is padded (mask 0)."""
+  """Disjoint held-out windows; the last batch is padded (mask 0).
+
+  All windows if there are at most ``max_windows``, else ``max_windows`` of
+  them evenly spaced over the stream (so a partial evaluation samples every
+  part of the held-out split, not just its first documents).
+  """
   windows = PackedWindows(stream, seq_len)
-  n = min(len(windows), max_windows)
-  for start in range(0, n, batch_size):
-    rows = [windows[i] for i in range(start, min(start + batch_size, n))]
+  if len(windows) <= max_windows:
+    chosen = np.arange(len(windows))
+  else:
+    chosen = np.unique(np.linspace(0, len(windows) - 1, max_windows).round().astype(int))
+  for start in range(0, len(chosen), batch_size):
+    rows = [windows[i] for i in chosen[start:start + batch_size]]
     while len(rows) < batch_size:
       rows.append({k: np.zeros_like(v) if k != "inputs" else np.full_like(v, PAD)
                    for k, v in rows[0].items()})

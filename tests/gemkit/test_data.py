@@ -120,3 +120,25 @@ def test_empty_and_missing_corpora_are_config_errors(tmp_path):
     data.Corpus.from_config(cfg.data)
   with pytest.raises(ConfigError, match="data.path: no such file"):
     data.text_documents([str(tmp_path / "missing.txt")])
+
+
+def test_eval_batches_spread_over_the_heldout_stream_and_pad():
+  docs = [data.Document(str(i), bytes([65 + i]) * 30) for i in range(10)]
+  stream = data.TokenStream.from_documents(docs)          # 320 tokens -> 39 windows of 8
+  every = list(data.eval_batches(stream, 8, 4, max_windows=1000))
+  assert sum(int((b["loss_mask"].sum(1) > 0).sum()) for b in every) == 39
+  assert every[-1]["loss_mask"][-1].sum() == 0            # padded row is masked out
+  some = list(data.eval_batches(stream, 8, 4, max_windows=5))
+  firsts = [int(r[0]) for b in some for r in b["inputs"] if r[0] != data.PAD]
+  assert len(firsts) == 5 and firsts[-1] == int(stream.tokens[38 * 8])
+
+
+def test_process_shards_concatenate_to_the_single_process_batch(tmp_path):
+  cfg = tiny_config(tmp_path)
+  corpus = data.Corpus.from_config(cfg.data)
+  whole = _batches(iter(data.train_dataset(corpus, cfg.data, 8, 0)), 3)
+  shards = [_batches(iter(data.train_dataset(corpus, cfg.data, 8, 0, i, 2)), 3) for i in range(2)]
+  for step in range(3):
+    np.testing.assert_array_equal(
+        np.concatenate([shards[0][step]["inputs"], shards[1][step]["inputs"]]),
+        whole[step]["inputs"])
