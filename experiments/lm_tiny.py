@@ -37,16 +37,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.jsonl_field = "text"
   c.data.seq_len = 256
   c.data.heldout_fraction = 0.05
-  c.data.eval_windows = 64          # held-out windows of seq_len per evaluation
+  c.data.eval_windows = 256         # held-out windows of seq_len per evaluation (evenly spread)
   c.data.prefetch = 2
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 600
+  c.train.steps = 360
   c.train.batch_size = 16
   c.train.grad_accum = 1
   c.train.lr = 3e-3
   c.train.min_lr_ratio = 0.1
-  c.train.warmup_steps = 50
+  c.train.warmup_steps = 30
   c.train.schedule = "wsd"          # cosine | wsd | constant
   c.train.decay_fraction = 0.2      # WSD: last fraction of steps decays
   c.train.wsd_decay = "sqrt"        # linear | cosine | exp | sqrt
@@ -57,8 +57,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.max_nonfinite_steps = 10  # skipped NaN/inf steps in a row before stopping; 0: never
   c.train.log_every = 10
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 100
+  c.train.eval_every = 120
+  c.train.checkpoint_every = 60
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
   c.train.tensorboard = False

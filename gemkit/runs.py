@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 import time
 
 import jax
@@ -35,7 +36,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     w.print(f"resumed from step {trainer.resumed_from} in {workdir}")
   try:
     logged = trainer.run()
-    final = trainer.evaluate()
+    evals = [r for r in logged if r["split"] == "eval" and r["step"] == trainer.step]
+    final = evals[-1] if evals else trainer.evaluate()
     model = trainer.model()
     text = sample_lib.generate(model, [config.train.sample_prompt],
                                max_new_tokens=config.train.sample_tokens, temperature=0.0)[0]
@@ -47,13 +49,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
       "workdir": str(workdir), "step": trainer.step, "elapsed_s": round(elapsed, 1),
       "final_train_loss": train_logs[-1]["loss"] if train_logs else None,
       "heldout_loss": final["loss"], "heldout_bpb": final["bpb"],
-      "tokens_per_sec": (sum(r["tokens_per_sec"] for r in train_logs) / len(train_logs)
-                         if train_logs else None),
+      # The first window includes compilation; the median of the rest is the steady rate.
+      "tokens_per_sec": (statistics.median(r["tokens_per_sec"] for r in train_logs[1:])
+                         if len(train_logs) > 1 else None),
       "sample": text,
   }
   w.print("-" * 72)
   w.print(f"done: step {summary['step']} in {format_duration(elapsed)} | held-out loss "
-          f"{final['loss']:.4f} nats/token, {final['bpb']:.4f} bits/byte")
+          f"{final['loss']:.4f} nats/token, {final['bpb']:.4f} bits/byte | "
+          f"{summary['tokens_per_sec'] or 0:,.0f} tokens/s")
   w.print(f"greedy sample from {config.train.sample_prompt!r}:\n"
           f"{config.train.sample_prompt}{text}")
   return summary
