@@ -230,10 +230,11 @@ def window_rows(tokens: np.ndarray, window: int, stride: int | None = None):
 def heldout_perplexity(model: nnx.Module, documents: Sequence[np.ndarray], *, window: int,
                        stride: int | None = None, batch_size: int = 8,
                        resamples: int = 1000, seed: int = 0,
-                       progress: Progress | None = None) -> tuple[dict, dict]:
+                       progress: Progress | None = None) -> tuple[dict, dict, dict]:
   """Token- and byte-level perplexity of token documents (BOS first) (module doc).
 
-  Returns (metrics, bootstrap stderr over documents).
+  Returns (metrics, bootstrap stderr over documents, per-document sums
+  {"nll", "tokens", "byte_nll", "bytes"} as lists: for paired comparisons).
   """
   rows, owner = [], []
   for d, doc in enumerate(documents):
@@ -256,7 +257,10 @@ def heldout_perplexity(model: nnx.Module, documents: Sequence[np.ndarray], *, wi
   stderr = {"nll": bootstrap_stderr(per_tok, nll, count, resamples=resamples, seed=seed),
             "bits_per_byte": bootstrap_stderr(bpb, bnll, nbytes, resamples=resamples,
                                               seed=seed)}
-  return {k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()}, stderr
+  per_document = {"nll": nll.tolist(), "tokens": count.tolist(), "byte_nll": bnll.tolist(),
+                  "bytes": nbytes.tolist()}
+  return ({k: float(v) if isinstance(v, np.floating) else v for k, v in metrics.items()},
+          stderr, per_document)
 
 
 def protocol(kind: str, window: int, stride: int) -> str:
@@ -451,13 +455,14 @@ def evaluate(model: nnx.Module, names: Sequence[str], *, run_config=None,
       docs, fingerprint, source = heldout_documents(run_config, cfg.heldout, max_examples)
       total = sum(len(window_rows(d, window, stride)) for d in docs)
       bar = Progress(total, name, show_progress)
-      metrics, stderr = heldout_perplexity(model, docs, window=window, stride=stride,
-                                           batch_size=batch_size, resamples=res, seed=seed,
-                                           progress=bar)
+      metrics, stderr, per_document = heldout_perplexity(
+          model, docs, window=window, stride=stride, batch_size=batch_size, resamples=res,
+          seed=seed, progress=bar)
       bar.close()
       rows.append({"task": name, "setting": {"window": window, "stride": stride},
                    "n": len(docs), "metrics": metrics, "stderr": stderr,
-                   "protocol": protocol(kind, window, stride), "source": source})
+                   "protocol": protocol(kind, window, stride), "source": source,
+                   "per_document": per_document})
     elif name in SYNTHETIC_TASKS:
       block = cfg[name]
       n = min(block.num_examples, max_examples or block.num_examples)
@@ -691,12 +696,15 @@ def plot_loss_curves(metrics_path: str | pathlib.Path, path: str | pathlib.Path
   return _save(fig, path)
 
 
-def plot_bpb_variants(variants: Sequence[tuple[str, float, float | None]],
-                      path: str | pathlib.Path) -> pathlib.Path:
-  """Bars of bits-per-byte (± s.e.) for (label, bpb, stderr), e.g. float vs quantized."""
+def plot_bpb_variants(variants: Sequence[dict], path: str | pathlib.Path) -> pathlib.Path:
+  """Bars of bits-per-byte (± s.e.) per variant (``compare_bpb`` entries), e.g. float
+  vs quantized; each label also shows the paired difference to the first variant."""
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(1.2 * len(variants) + 2, 4))
-  labels = [v[0] for v in variants]
+  fig, ax = plt.subplots(figsize=(1.3 * len(variants) + 2, 4.2))
+  labels = [v["label"] + (f"\nΔ {v['delta']:+.5f}" if v.get("delta") is not None else "")
+            + (f"\n± {v['delta_stderr']:.5f}" if v.get("delta_stderr") is not None else "")
+            for v in variants]
+  variants = [(v["label"], v["bits_per_byte"], v["stderr"]) for v in variants]
   ax.bar(labels, [v[1] for v in variants], yerr=[v[2] or 0.0 for v in variants], capsize=4)
   for i, v in enumerate(variants):
     ax.annotate(f"{v[1]:.4f}", (i, v[1]), ha="center", va="top", fontsize=8, color="white",
@@ -708,15 +716,34 @@ def plot_bpb_variants(variants: Sequence[tuple[str, float, float | None]],
 def compare_bpb(pairs: Sequence[tuple[str, str]], *, eval_config=None, batch_size: int = 8,
                 max_examples: int | None = None, task: str = "heldout_bpb",
                 show_progress: bool = True) -> list[dict]:
-  """Held-out bits-per-byte of each (label, checkpoint): same protocol and documents."""
-  out = []
+  """Held-out bits-per-byte of each (label, checkpoint), same protocol and documents.
+
+  Each variant after the first also gets ``delta`` = its bpb minus the
+  first's, with a paired bootstrap standard error (the same resampled
+  documents for both), far tighter than either figure's own error bar.
+  """
+  out, base = [], None
+  cfg = eval_config or default_config()
   for label, checkpoint in pairs:
-    report = run(checkpoint, [task], eval_config=eval_config, batch_size=batch_size,
+    report = run(checkpoint, [task], eval_config=cfg, batch_size=batch_size,
                  max_examples=max_examples, show_progress=show_progress)
     row = report["results"][0]
-    out.append({"label": label, "checkpoint": checkpoint, "step": report["settings"]["step"],
-                "bits_per_byte": row["metrics"]["bits_per_byte"],
-                "stderr": row["stderr"]["bits_per_byte"], "protocol": row["protocol"]})
+    docs = {k: np.asarray(v) for k, v in row["per_document"].items()}
+    entry = {"label": label, "checkpoint": checkpoint, "step": report["settings"]["step"],
+             "bits_per_byte": row["metrics"]["bits_per_byte"],
+             "stderr": row["stderr"]["bits_per_byte"], "protocol": row["protocol"],
+             "source": row["source"], "delta": None, "delta_stderr": None}
+    if base is None:
+      base = docs
+    elif np.array_equal(base["bytes"], docs["bytes"]):
+      bpb = lambda a, b: a.sum(-1) / LN2 / b.sum(-1)
+      diff = lambda a, b, c, d: bpb(a, b) - bpb(c, d)
+      entry["delta"] = float(diff(docs["byte_nll"], docs["bytes"], base["byte_nll"],
+                                  base["bytes"]))
+      entry["delta_stderr"] = bootstrap_stderr(
+          diff, docs["byte_nll"], docs["bytes"], base["byte_nll"], base["bytes"],
+          resamples=cfg.bootstrap_resamples, seed=cfg.seed)
+    out.append(entry)
   return out
 
 
@@ -730,8 +757,7 @@ def write_plots(report: dict, plots_dir: str | pathlib.Path,
     made.append(plot_loss_curves(pathlib.Path(workdir) / "metrics.jsonl",
                                  plots_dir / "loss_curves.png"))
   if variants:
-    made.append(plot_bpb_variants([(v["label"], v["bits_per_byte"], v["stderr"])
-                                   for v in variants], plots_dir / "bpb_variants.png"))
+    made.append(plot_bpb_variants(variants, plots_dir / "bpb_variants.png"))
   return [p for p in made if p is not None]
 
 

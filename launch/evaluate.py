@@ -72,7 +72,10 @@ def _run():
       print(f"{row['task']}: {row['protocol']}; {row['source']}")
   print(evaluate.markdown_table(report["results"]))
   for v in report.get("bpb_variants", ()):
-    print(f"bpb {v['label']}: {v['bits_per_byte']:.4f} ± {v['stderr'] or 0:.4f} ({v['checkpoint']})")
+    delta = ("" if v["delta"] is None else
+             f", {v['delta']:+.5f} ± {v['delta_stderr'] or 0:.5f} vs {pairs[0][0]} (paired)")
+    print(f"bpb {v['label']}: {v['bits_per_byte']:.4f} ± {v['stderr'] or 0:.4f}{delta} "
+          f"({v['checkpoint']})")
   print(f"report: {output}" + (f"\nplots: {', '.join(map(str, plots))}" if plots else ""))
 
 

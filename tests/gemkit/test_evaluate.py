@@ -69,14 +69,16 @@ def test_perplexity_is_exp_of_mean_nll_by_hand(model, stride):
       nll, n = nll - lp, n + 1
       if x[t] < 256:
         byte_nll, n_bytes = byte_nll - lp, n_bytes + 1
-  metrics, stderr = evaluate.heldout_perplexity(model, _docs(), window=W, stride=stride,
-                                                batch_size=3)
+  metrics, stderr, per_doc = evaluate.heldout_perplexity(model, _docs(), window=W,
+                                                         stride=stride, batch_size=3)
   np.testing.assert_allclose(metrics["nll"], nll / n, rtol=1e-5)
   np.testing.assert_allclose(metrics["perplexity"], math.exp(nll / n), rtol=1e-5)
   np.testing.assert_allclose(metrics["bits_per_byte"], byte_nll / n_bytes / math.log(2),
                              rtol=1e-5)
   assert metrics["tokens"] == n and metrics["bytes"] == n_bytes and stderr["nll"] > 0
-  again, _ = evaluate.heldout_perplexity(model, _docs(), window=W, stride=stride, batch_size=1)
+  assert sum(per_doc["bytes"]) == n_bytes and sum(per_doc["nll"]) == pytest.approx(nll)
+  again, _, _ = evaluate.heldout_perplexity(model, _docs(), window=W, stride=stride,
+                                            batch_size=1)
   assert again == pytest.approx(metrics, rel=1e-6)
 
 
@@ -211,7 +213,7 @@ def test_launcher_writes_report_table_and_plots(run_dir, tmp_path):
        "--tasks=heldout_bpb,heldout_bpb_sliding,parity,stdlib_idioms", "--max_examples=3",
        "--batch_size=4", "--config.parity.lengths=(4,9)", "--config.heldout.stride=8",
        f"--output={tmp_path}/r.json", f"--plots_dir={tmp_path}/plots",
-       f"--compare=float={run_dir}/checkpoints"],
+       f"--compare=float={run_dir}/checkpoints", f"--compare=same={run_dir}"],
       cwd=REPO, capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert out.returncode == 0, out.stderr[-3000:]
@@ -224,8 +226,9 @@ def test_launcher_writes_report_table_and_plots(run_dir, tmp_path):
   disjoint, sliding = report["results"][:2]
   assert sliding["setting"] == {"window": 32, "stride": 8} and "stride 8" in sliding["protocol"]
   assert 1 <= disjoint["n"] <= 3 and disjoint["metrics"]["bits_per_byte"] > 0   # documents
-  assert report["bpb_variants"][0]["bits_per_byte"] == pytest.approx(
-      disjoint["metrics"]["bits_per_byte"])
+  first, same = report["bpb_variants"]
+  assert first["bits_per_byte"] == pytest.approx(disjoint["metrics"]["bits_per_byte"])
+  assert first["delta"] is None and same["delta"] == 0.0 and same["delta_stderr"] == 0.0
   assert "| parity | length=9, modulus=2 | 3 |" in out.stdout
   for name in ("parity", "loss_curves", "bpb_variants"):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
