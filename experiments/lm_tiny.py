@@ -25,8 +25,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True
   c.model.norm_eps = 1e-6
   c.model.dropout_rate = 0.0
-  c.model.attention = "dense"       # dense | sliding
-  c.model.window = 0                # keys i-window+1..i when attention == "sliding"
+  c.model.attention = "dense"       # dense | sliding | s2 | topk | global (models/transformer.py)
+  c.model.window = 0                # keys i-window+1..i (sliding, global)
+  c.model.block_size = 128          # block-sparse attention blocks (sliding, s2, topk, global)
+  c.model.top_k = 0                 # topk: selected kv blocks per query block
+  c.model.local_blocks = 1          # topk: kv blocks ending at the query block, always kept
+  c.model.sink_blocks = 1           # topk: first kv blocks, always kept
+  c.model.s2_group = 0              # s2: LongLoRA S2-Attn group size (training only)
+  c.model.global_tokens = 0         # global: first tokens seen by and seeing all
+  c.model.attention_impl = "auto"   # ops.attention impl: auto | xla | pallas_tpu | pallas_gpu
   c.model.dtype = "float32"         # compute dtype; "bfloat16" on GPU/TPU
   c.model.param_dtype = "float32"
   c.model.remat = False

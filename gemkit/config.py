@@ -119,6 +119,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
   _require(m.head_dim % 2 == 0, "model.head_dim",
            f"must be even for RoPE, got {m.head_dim}")
+  _validate_attention(m)
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
   _require(m.param_dtype in DTYPES, "model.param_dtype",
            f"must be one of {DTYPES}, got {m.param_dtype!r}")
@@ -149,6 +150,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(t.get("max_nonfinite_steps", 0) >= 0, "train.max_nonfinite_steps",
            f"must be >= 0 (0: never stop), got {t.get('max_nonfinite_steps')}")
   _validate_mesh(config)
+
+
+def _validate_attention(m: ml_collections.ConfigDict) -> None:
+  """The transformer's attention pattern and the keys it needs (absent keys: defaults)."""
+  from models import transformer  # pylint: disable=g-import-not-at-top
+  pattern = m.get("attention", "dense")
+  _require(pattern in transformer.ATTENTION_PATTERNS, "model.attention",
+           f"must be one of {transformer.ATTENTION_PATTERNS}, got {pattern!r}")
+  for key, least in transformer.PATTERN_KEYS[pattern].items():
+    _require(m.get(key, 0) >= least, f"model.{key}",
+             f"must be >= {least} with model.attention={pattern!r}, got {m.get(key, 0)}")
+  _require(m.get("block_size", 128) >= 1, "model.block_size",
+           f"must be >= 1, got {m.get('block_size')}")
 
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")

@@ -9,6 +9,33 @@ Packed training sequences carry ``segment_ids`` [B, T]: a token attends only
 to earlier tokens of its own segment and RoPE positions restart at each
 segment. ``decode`` runs the same layers incrementally against a
 :class:`KVCache` (prefill with many tokens, then one token per step).
+
+The attention pattern comes from ``config.model.attention`` (query i, key j,
+positions in the packed row, always causal and within the segment):
+
+  dense    every j <= i; ``jax.nn.dot_product_attention`` (the baseline).
+  sliding  i - j < window (Mistral, Griffin's local attention).
+  s2       LongLoRA's shifted sparse attention (Chen et al. 2023): groups of
+           ``s2_group`` tokens, half of the heads shifted by half a group;
+           in training only, dense at inference (as LongLoRA).
+  topk     per query block of ``block_size``, the ``top_k`` kv blocks whose
+           mean key best matches the block's mean query, plus ``local_blocks``
+           and ``sink_blocks`` (MoBA / NSA selection / Quest).
+  global   i - j < window or j < global_tokens (sink / global tokens:
+           StreamingLLM, Longformer).
+
+All but dense run ``ops.attention.block_sparse_attention`` /
+``topk_block_attention``, which skip the empty blocks. Positions are those
+of the packed row, so with several documents in a row only the row's first
+tokens / blocks are sinks and S2 groups and top-k blocks are aligned to the
+row (one document per row, as in long-context training, and decoding use
+the document's own positions). A decode step (one new token) runs
+``ops.attention.decode_attention`` on the cache (Quest page selection for
+topk, the gathered window and sinks for sliding / global); a prefill
+(several new tokens) runs the training attention over the cache. Decode
+equals the forward pass for every pattern except the top-k selection, which
+in the forward pass scores a block by the mean of all its queries (later
+ones included) and at a decode step by the one new query (Quest bounds).
 """
 
 from __future__ import annotations
@@ -22,8 +49,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import layers
+from ops import attention as attention_ops
 
-ATTENTION_PATTERNS = ("dense", "sliding")
+# pattern -> {config key: smallest value the pattern needs}
+PATTERN_KEYS = {"dense": {}, "sliding": {"window": 1}, "s2": {"s2_group": 2},
+                "topk": {"top_k": 1}, "global": {"window": 1, "global_tokens": 1}}
+ATTENTION_PATTERNS = tuple(PATTERN_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +74,13 @@ class TransformerConfig:
   dropout_rate: float = 0.0
   attention: str = "dense"
   window: int = 0
+  block_size: int = 128         # blocks of the block-sparse patterns (and decode pages)
+  top_k: int = 0                # topk: selected kv blocks per query block
+  local_blocks: int = 1         # topk: kv blocks ending at the query block, always kept
+  sink_blocks: int = 1          # topk: first kv blocks, always kept
+  s2_group: int = 0             # s2: group size G
+  global_tokens: int = 0        # global: first tokens seen by (and seeing) all
+  attention_impl: str = "auto"  # ops.attention impl: auto | xla | pallas_tpu | pallas_gpu
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
@@ -54,8 +92,13 @@ class TransformerConfig:
     if self.attention not in ATTENTION_PATTERNS:
       raise ValueError(f"attention must be one of {ATTENTION_PATTERNS}, "
                        f"got {self.attention!r}")
-    if self.attention == "sliding" and self.window <= 0:
-      raise ValueError(f"attention='sliding' needs window > 0, got {self.window}")
+    for key, least in PATTERN_KEYS[self.attention].items():
+      if getattr(self, key) < least:
+        raise ValueError(f"attention={self.attention!r} needs {key} >= {least}, "
+                         f"got {getattr(self, key)}")
+    if self.block_size < 1 or self.local_blocks < 0 or self.sink_blocks < 0:
+      raise ValueError("block_size must be >= 1 and local_blocks, sink_blocks >= 0, got "
+                       f"{self.block_size}, {self.local_blocks}, {self.sink_blocks}")
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":
@@ -93,8 +136,28 @@ def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
   return mask[:, None]
 
 
+def pattern_mask(cfg: TransformerConfig, train: bool = True) -> attention_ops.Mask | None:
+  """The ``ops.attention`` mask of a static pattern; None for dense attention
+  (also S2 outside training) and for top-k (its blocks depend on the data)."""
+  causal = attention_ops.CausalMask()
+  if cfg.attention == "sliding":
+    return causal & attention_ops.LocalMask(cfg.window)
+  if cfg.attention == "global":
+    return causal & (attention_ops.LocalMask(cfg.window)
+                     | attention_ops.GlobalTokensMask(cfg.global_tokens))
+  if cfg.attention == "s2" and train:
+    return causal & attention_ops.ShiftedGroupMask(cfg.s2_group)
+  return None
+
+
+def _gather_keys(cache: jax.Array, index: jax.Array) -> jax.Array:
+  """cache [B, S, H, D], index [B, N] (clipped to S - 1) -> [B, N, H, D]."""
+  index = jnp.clip(index, 0, cache.shape[1] - 1)
+  return jnp.take_along_axis(cache, index[:, :, None, None], axis=1)
+
+
 class Attention(nnx.Module):
-  """Multi-head attention with grouped-query K/V heads and RoPE."""
+  """Multi-head attention with grouped-query K/V heads, RoPE and the config's pattern."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
@@ -120,22 +183,38 @@ class Attention(nnx.Module):
     B, T = o.shape[:2]
     return self.o_proj(o.reshape(B, T, -1))
 
-  @property
-  def _window(self) -> int:
-    return self.cfg.window if self.cfg.attention == "sliding" else 0
+  def attend(self, q, k, v, segment_ids: jax.Array | None, train: bool = False) -> jax.Array:
+    """The pattern's causal attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] at
+    positions 0..T-1 of the row; ``segment_ids`` [B, T] or None (one segment)."""
+    cfg = self.cfg
+    sizes = dict(block_q=cfg.block_size, block_kv=cfg.block_size, impl=cfg.attention_impl)
+    if cfg.attention == "topk":
+      return attention_ops.topk_block_attention(
+          q, k, v, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
+          sink_blocks=cfg.sink_blocks, segment_ids=segment_ids, impl=cfg.attention_impl)
+    mask = pattern_mask(cfg, train)
+    if mask is not None:
+      return attention_ops.block_sparse_attention(q, k, v, mask, segment_ids=segment_ids,
+                                                  **sizes)
+    if segment_ids is None:
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    idx = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=attention_mask(idx, idx, segment_ids, segment_ids))
 
-  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
+               train: bool = False) -> jax.Array:
+    """x [B, T, d] -> [B, T, d]; ``train`` turns on S2 (LongLoRA trains with it only)."""
     q, k, v = self._qkv(x, positions)
-    idx = jnp.broadcast_to(jnp.arange(x.shape[1]), segment_ids.shape)
-    mask = attention_mask(idx, idx, segment_ids, segment_ids, self._window)
-    return self._out(jax.nn.dot_product_attention(q, k, v, mask=mask))
+    return self._out(self.attend(q, k, v, segment_ids, train))
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-             lengths: jax.Array):
+             lengths: jax.Array, num_valid: jax.Array | None = None):
     """Attends new tokens x [B, Tn, d] at positions lengths + i to cache and themselves.
 
     Returns (out [B, Tn, d], k_cache, v_cache) with the new keys/values written
-    at positions lengths .. lengths + Tn - 1 of each sequence.
+    at positions lengths .. lengths + Tn - 1 of each sequence. ``num_valid``
+    [B] (default Tn): the real new tokens (the rest is right padding).
     """
     B, Tn, _ = x.shape
     positions = lengths[:, None] + jnp.arange(Tn)[None]
@@ -143,12 +222,52 @@ class Attention(nnx.Module):
     write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
     k_cache = write(k_cache, k.astype(k_cache.dtype), lengths)
     v_cache = write(v_cache, v.astype(v_cache.dtype), lengths)
-    k_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (B, k_cache.shape[1]))
-    ones = jnp.ones_like
-    mask = attention_mask(positions, k_pos, ones(positions), ones(k_pos), self._window)
-    o = jax.nn.dot_product_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                     mask=mask)
+    kc, vc = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    if Tn == 1:
+      o = self._decode_step(q[:, 0], kc, vc, lengths + 1)[:, None]
+    elif self.cfg.attention in ("dense", "s2"):
+      k_pos = jnp.broadcast_to(jnp.arange(kc.shape[1]), (B, kc.shape[1]))
+      ones = jnp.ones_like
+      mask = attention_mask(positions, k_pos, ones(positions), ones(k_pos))
+      o = jax.nn.dot_product_attention(q, kc, vc, mask=mask)
+    else:
+      o = self._prefill(q, kc, vc, lengths, Tn if num_valid is None else num_valid)
     return self._out(o), k_cache, v_cache
+
+  def _prefill(self, q, kc, vc, lengths, num_valid):
+    """Several new queries: the training attention over the whole cache, with
+    the queries placed at their positions (zeros elsewhere, outputs dropped)
+    and keys past the valid tokens zeroed. From an empty cache this is the
+    forward pass of the prompt, top-k selection included."""
+    B, Tn = q.shape[:2]
+    S = kc.shape[1]
+    new_ok = jnp.arange(Tn)[None] < jnp.reshape(num_valid, (-1, 1))
+    q_all = jax.vmap(lambda z, new, at: jax.lax.dynamic_update_slice_in_dim(z, new, at, 0))(
+        jnp.zeros((B, S) + q.shape[2:], q.dtype), jnp.where(new_ok[..., None, None], q, 0),
+        lengths)
+    k_ok = (jnp.arange(S)[None] < (lengths + num_valid)[:, None])[..., None, None]
+    o = self.attend(q_all, jnp.where(k_ok, kc, 0), jnp.where(k_ok, vc, 0), None)
+    return jax.vmap(lambda a, at: jax.lax.dynamic_slice_in_dim(a, at, Tn, 0))(o, lengths)
+
+  def _decode_step(self, q, kc, vc, lengths):
+    """One query q [B, Hq, D] per sequence, its key already at lengths - 1:
+    ``decode_attention`` on the cache (dense, s2, topk: Quest pages) or on the
+    gathered sinks and window (global, sliding)."""
+    cfg = self.cfg
+    kw = dict(block_size=cfg.block_size, impl=cfg.attention_impl)
+    if cfg.attention == "topk":
+      kw["top_k_blocks"] = cfg.top_k + cfg.local_blocks + cfg.sink_blocks
+    if cfg.attention in ("sliding", "global"):
+      S = kc.shape[1]
+      w = min(cfg.window, S)
+      n = min(cfg.global_tokens, S) if cfg.attention == "global" else 0
+      start = jnp.maximum(lengths - w, n)                     # window: keys start..lengths-1
+      index = jnp.concatenate([jnp.broadcast_to(jnp.arange(n), (q.shape[0], n)),
+                               start[:, None] + jnp.arange(w)[None]], axis=1)
+      kc, vc = _gather_keys(kc, index), _gather_keys(vc, index)
+      # The valid entries (index < lengths) are a prefix: sinks, then the window.
+      lengths = jnp.minimum(lengths, n) + jnp.clip(lengths - start, 0, w)
+    return attention_ops.decode_attention(q, kc, vc, lengths, **kw)
 
 
 class Block(nnx.Module):
@@ -163,14 +282,15 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
   def __call__(self, x, segment_ids, positions, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None):
+               rngs: nnx.Rngs | None = None, train: bool = False):
     drop = lambda h: self.dropout(h, deterministic=deterministic, rngs=rngs)
-    x = x + drop(self.attn(self.attn_norm(x), segment_ids, positions))
+    x = x + drop(self.attn(self.attn_norm(x), segment_ids, positions, train=train))
     x = x + drop(self.mlp(self.mlp_norm(x)))
     return layers.constrain(x, ("batch", "seq", "embed"))
 
-  def decode(self, x, k_cache, v_cache, lengths):
-    h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), k_cache, v_cache, lengths)
+  def decode(self, x, k_cache, v_cache, lengths, num_valid=None):
+    h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), k_cache, v_cache, lengths,
+                                           num_valid)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
 
@@ -194,18 +314,24 @@ class Transformer(nnx.Module):
     return logits.astype(jnp.float32)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:
+               deterministic: bool = True, rngs: nnx.Rngs | None = None,
+               train: bool | None = None) -> jax.Array:
     """tokens [B, T] int -> logits [B, T, vocab] float32.
 
     segment_ids [B, T] (default: one segment) separate packed documents.
+    ``train`` (S2 attention is on in training only) defaults to whether
+    ``rngs`` are given: ``gemkit.train`` passes its dropout keys to every
+    training step, evaluation and sampling pass none.
     """
+    train = rngs is not None if train is None else train
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     positions = layers.segment_positions(segment_ids)
     x = layers.constrain(self.embed(tokens), ("batch", "seq", "embed"))
 
     def run(block, x, rngs):
-      return block(x, segment_ids, positions, deterministic=deterministic, rngs=rngs)
+      return block(x, segment_ids, positions, deterministic=deterministic, rngs=rngs,
+                   train=train)
 
     if self.cfg.remat:
       run = nnx.remat(run)
@@ -234,7 +360,7 @@ class Transformer(nnx.Module):
     x = self.embed(tokens)
     ks, vs = [], []
     for i, block in enumerate(self.blocks):
-      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.lengths)
+      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.lengths, num_valid)
       ks.append(k)
       vs.append(v)
     cache = KVCache(jnp.stack(ks), jnp.stack(vs), cache.lengths + num_valid.astype(jnp.int32))
