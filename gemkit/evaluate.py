@@ -444,7 +444,7 @@ def evaluate(model: nnx.Module, names: Sequence[str], *, run_config=None,
   validate_config(cfg)
   check_task_names(names)
   res, seed = cfg.bootstrap_resamples, cfg.seed
-  rows, fingerprint = [], None
+  rows, fingerprint, heldout = [], None, None
   for name in names:
     if name in HELDOUT_TASKS:
       kind = HELDOUT_TASKS[name]
@@ -452,7 +452,8 @@ def evaluate(model: nnx.Module, names: Sequence[str], *, run_config=None,
       if window < 1:
         raise ConfigError("heldout.window", "the checkpoint records no seq_len: set it")
       stride = window if kind == "disjoint" else min(cfg.heldout.stride, window)
-      docs, fingerprint, source = heldout_documents(run_config, cfg.heldout, max_examples)
+      heldout = heldout or heldout_documents(run_config, cfg.heldout, max_examples)
+      docs, fingerprint, source = heldout
       total = sum(len(window_rows(d, window, stride)) for d in docs)
       bar = Progress(total, name, show_progress)
       metrics, stderr, per_document = heldout_perplexity(
