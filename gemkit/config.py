@@ -92,15 +92,20 @@ def _parse_as(key: str, text: str, kind: type) -> Any:
     raise ConfigError(key, f"expected {kind.__name__}, got {text!r}") from None
 
 
-def load(path: str = DEFAULT_CONFIG, **overrides: Any) -> ml_collections.ConfigDict:
+def load(path: str = DEFAULT_CONFIG, *,
+         validator: Callable[[ml_collections.ConfigDict], None] | None = None,
+         **overrides: Any) -> ml_collections.ConfigDict:
   """Loads, overrides and validates a config (the notebook entry point).
+
+  ``validator`` as in :func:`flags_parser` (default :func:`validate`, for
+  experiment configs; e.g. ``gemkit.finetune.validate_config``).
 
   >>> cfg = load("experiments/lm_tiny.py", **{"train.steps": 50})
   """
   config = load_file(path)
   for key, value in overrides.items():
     override(config, key, value)
-  validate(config)
+  (validator or validate)(config)
   return config
 
 

@@ -59,6 +59,7 @@ from gemkit import sample as sample_lib
 from gemkit import synthetic
 from gemkit import tasks as tasks_lib
 from gemkit.config import REPO_ROOT, ConfigError
+from gemkit.runs import resolve_checkpoint
 
 LN2 = math.log(2.0)
 HELDOUT_TASKS = {"heldout_bpb": "disjoint", "heldout_bpb_sliding": "sliding"}
@@ -520,16 +521,6 @@ class Loaded:
   workdir: pathlib.Path
   step: int
   meta: dict
-
-
-def resolve_checkpoint(path: str) -> tuple[pathlib.Path, int | None]:
-  """(run directory, step or None for the latest) of a run dir, its checkpoints/ or a step dir."""
-  p = pathlib.Path(path)
-  if p.name.isdigit() and p.parent.name == "checkpoints":
-    return p.parent.parent, int(p.name)
-  if p.name == "checkpoints":
-    return p.parent, None
-  return p, None
 
 
 def load_checkpoint(path: str, step: int | None = None) -> Loaded:

@@ -3,6 +3,7 @@
 ``metrics.jsonl`` in the workdir has one JSON object per logged step
 (``{"step": ..., "split": "train"|"eval", ...}``). On resume, lines beyond the
 restored step are dropped so the log continues the curve without duplicates.
+:func:`read` and :func:`plot` load and draw it (or ``Trainer.run``'s records).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 # Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor figures).
 PEAK_FLOPS = {
@@ -87,3 +88,49 @@ class MetricWriter:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def read(source: str | pathlib.Path | Iterable[dict]) -> list[dict]:
+  """Metric records from a run directory, a ``metrics.jsonl`` path or records.
+
+  Records are ``{"step", "split", ...}`` dicts, as ``Trainer.run`` returns
+  (and ``Trainer.history`` accumulates) and ``metrics.jsonl`` holds.
+  """
+  if isinstance(source, (str, pathlib.Path)):
+    path = pathlib.Path(source)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+      raise FileNotFoundError(f"no metrics log at {path}")
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  return list(source)
+
+
+def plot(source: str | pathlib.Path | Iterable[dict], keys: Sequence[str] = ("loss",), *,
+         title: str | None = None):
+  """One matplotlib figure of ``keys`` vs step: train as lines, eval as markers.
+
+  ``source`` is what :func:`read` takes (a run directory, its
+  ``metrics.jsonl`` or records such as ``trainer.run(steps=100)``'s). One
+  panel per key; a split without the key is skipped. Returns the Figure
+  (closed in pyplot, so a notebook shows it once, as the cell's value).
+
+  >>> gemkit.metrics.plot(trainer.history, keys=("loss", "lr"))
+  """
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  records = read(source)
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.2), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for split, style in (("train", "-"), ("eval", "o--")):
+      points = sorted((r["step"], r[key]) for r in records
+                      if r.get("split") == split and isinstance(r.get(key), (int, float)))
+      if points:
+        ax.plot(*zip(*points), style, label=split, markersize=4)
+    ax.set(xlabel="step", ylabel=key)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  plt.close(fig)
+  return fig

@@ -63,8 +63,21 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   return summary
 
 
-def load(workdir: str | pathlib.Path, step: int | None = None):
+def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+  """(run directory, step or None for the latest) of a run dir, its checkpoints/ or a step dir."""
+  p = pathlib.Path(path)
+  if p.name.isdigit() and p.parent.name == "checkpoints":
+    return p.parent.parent, int(p.name)
+  if p.name == "checkpoints":
+    return p.parent, None
+  return p, None
+
+
+def load(path: str | pathlib.Path, step: int | None = None):
   """(model, config) from a run directory's checkpoint (latest step by default).
+
+  ``path`` is a run directory, its ``checkpoints/`` or one step's
+  ``checkpoints/<step>`` (that step, unless ``step`` is given).
 
   The model is rebuilt from the model config recorded in the checkpoint, so
   it does not depend on the experiment file still being the same. A
@@ -79,14 +92,17 @@ def load(workdir: str | pathlib.Path, step: int | None = None):
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from gemkit.config import ConfigError  # pylint: disable=g-import-not-at-top
 
-  directory = pathlib.Path(workdir) / "checkpoints"
+  workdir, at = resolve_checkpoint(path)
+  step = at if step is None else step
+  directory = workdir / "checkpoints"
   if not directory.is_dir():
     raise ConfigError("workdir", f"no checkpoints under {workdir}")
   checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
   try:
     step = checkpointer.latest_step() if step is None else step
-    if step is None:
-      raise ConfigError("workdir", f"no complete checkpoint under {directory}")
+    if step is None or step not in checkpointer.manager.all_steps():
+      at_step = "" if step is None else f" {step}"
+      raise ConfigError("workdir", f"no complete checkpoint{at_step} under {directory}")
     meta = checkpointer.meta(step)
     model_cfg = mlc.ConfigDict(meta["model"])
     quantization = meta.get("quantization")
