@@ -486,14 +486,58 @@ def delta_rule_steps(q, k, v, beta, log_decay=None, initial_state=None):
   return _time_major(o).astype(jnp.result_type(q, k, v)), s
 
 
+def _substitute(m: Array, b: Array, lower: bool) -> Array:
+  """Solves (I + M) x = b for strictly triangular M [..., C, C], b [..., C, F],
+  one row at a time (row i of M meets only the rows of x already solved)."""
+  n = m.shape[-1]
+
+  def body(step, x):
+    i = step if lower else n - 1 - step
+    row = lax.dynamic_index_in_dim(m, i, axis=-2, keepdims=False)
+    xi = (lax.dynamic_index_in_dim(b, i, axis=-2, keepdims=False)
+          - jnp.einsum("...c,...cf->...f", row, x))
+    return lax.dynamic_update_index_in_dim(x, xi, i, axis=-2)
+
+  return lax.fori_loop(0, n, body, jnp.zeros_like(b))
+
+
+@jax.custom_vjp
+def unit_lower_solve(a: Array, b: Array) -> Array:
+  """x = (I + A)^{-1} b for strictly lower-triangular A [..., C, C], b [..., C, F].
+
+  Forward substitution in plain XLA ops rather than
+  ``lax.linalg.triangular_solve``: jaxlib 0.10's CPU LAPACK trsm hands its
+  batch to XLA:CPU's intra-op thread pool and blocks until done, which
+  deadlocks once every pool thread is inside such a solve (it hung DeltaNet
+  training on a 2-core machine). The VJP is the transposed substitution:
+  db = (I + A)^{-T} g, dA = -tril(db x^T, -1).
+  """
+  return _substitute(a, b, lower=True)
+
+
+def _unit_lower_solve_fwd(a, b):
+  x = _substitute(a, b, lower=True)
+  return x, (a, x)
+
+
+def _unit_lower_solve_bwd(res, g):
+  a, x = res
+  db = _substitute(jnp.swapaxes(a, -1, -2), g, lower=False)
+  da = -jnp.einsum("...if,...jf->...ij", db, x)
+  return jnp.where(_causal(a.shape[-1], strict=True), da, 0.0), db
+
+
+unit_lower_solve.defvjp(_unit_lower_solve_fwd, _unit_lower_solve_bwd)
+
+
 def delta_rule_chunked(q, k, v, beta, log_decay, initial_state, *, chunk: int):
   """Chunked (gated) delta rule, UT form (XLA path of ``delta_rule``).
 
   In parallel over chunks: A_ij = beta_i exp(G_i - G_j) k_i.k_j (j < i) and
   the two unit-lower-triangular solves W = (I + A)^{-1} (beta exp(G) k),
-  U = (I + A)^{-1} (beta v). Sequentially over chunks (``lax.scan``):
-  u = U - W S, S' = exp(G_C) S + (k exp(G_C - G))^T u. Then in parallel
-  o = (q exp(G)) S + ((q k^T) * exp(G_i - G_j)) u.
+  U = (I + A)^{-1} (beta v) (``unit_lower_solve``). Sequentially over chunks
+  (``lax.scan``): u = U - W S, S' = exp(G_C) S + (k exp(G_C - G))^T u. Then in
+  parallel o = (q exp(G)) S + ((q k^T) * exp(G_i - G_j)) u.
 
   Args: as ``delta_rule_steps`` with T a multiple of ``chunk`` and
     initial_state given.
@@ -506,10 +550,8 @@ def delta_rule_chunked(q, k, v, beta, log_decay, initial_state, *, chunk: int):
   g_row = jnp.swapaxes(gc, -1, -2)
   kk = jnp.einsum("...ik,...jk->...ij", kc, kc)
   a = bc * kk * decay_matrix(gc, g_row, strict=True)
-  eye = jnp.eye(chunk, dtype=acc)
   rhs = jnp.concatenate([kc * bc * jnp.exp(gc), vc * bc], axis=-1)
-  x = lax.linalg.triangular_solve(eye + a, rhs, left_side=True, lower=True,
-                                  unit_diagonal=True)
+  x = unit_lower_solve(a, rhs)
   w, u_pre = x[..., :k.shape[-1]], x[..., k.shape[-1]:]
   g_last = gc[..., -1:, :]
   kdec = kc * jnp.exp(g_last - gc)
