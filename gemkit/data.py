@@ -13,6 +13,10 @@ text file is read as bytes and trained on as is. JSONL lines must be JSON
 The train split is a Grain ``MapDataset`` (shuffled per epoch, sharded by
 process, batched); its iterator state is checkpointed with the model, so a
 resumed run reads exactly the batches the uninterrupted run would have.
+
+Fine-tuning data are (prompt, completion) examples (:class:`Completion`),
+packed whole into rows with one segment per example and the loss on the
+completion tokens only (:class:`PackedCompletions`).
 """
 
 from __future__ import annotations
@@ -240,15 +244,20 @@ def train_dataset(corpus: Corpus, data_cfg, batch_size: int, seed: int,
   so the global batch (rows in process order) is the same for any number of
   processes.
   """
+  return shuffled_batches(PackedWindows(corpus.train, data_cfg.seq_len), batch_size, seed,
+                          process_index, process_count, data_cfg.prefetch)
+
+
+def shuffled_batches(source, batch_size: int, seed: int, process_index: int = 0,
+                     process_count: int = 1, prefetch: int = 2) -> grain.IterDataset:
+  """Any random-access ``source`` of records as :func:`train_dataset` batches its windows."""
   if batch_size % process_count:
     raise ConfigError("train.batch_size",
                       f"{batch_size} is not divisible by {process_count} processes")
-  ds = (grain.MapDataset.source(PackedWindows(corpus.train, data_cfg.seq_len))
-        .shuffle(seed=seed).repeat(None))
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   ds = ds[process_index::process_count]
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                              prefetch_buffer_size=data_cfg.prefetch))
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
 
 
 def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
@@ -270,3 +279,83 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
       rows.append({k: np.zeros_like(v) if k != "inputs" else np.full_like(v, PAD)
                    for k, v in rows[0].items()})
     yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# --- prompt / completion examples (fine-tuning) --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """A fine-tuning example: ``prompt`` ids (BOS first) and ``completion`` ids (EOS last)."""
+
+  prompt: np.ndarray
+  completion: np.ndarray
+
+  @classmethod
+  def from_text(cls, prompt: str, completion: str) -> "Completion":
+    tok = ByteTokenizer()
+    return cls(tok.encode(prompt, bos=True), tok.encode(completion, eos=True))
+
+  @property
+  def positions(self) -> int:
+    """Input positions the example takes in a row: prompt + completion - 1."""
+    return self.prompt.size + self.completion.size - 1
+
+
+class PackedCompletions:
+  """Grain random-access source: examples packed whole, in order, into rows of ``seq_len``.
+
+  An example ``x = prompt + completion`` occupies ``len(x) - 1`` positions
+  (inputs ``x[:-1]``, targets ``x[1:]``); a row takes examples while they fit
+  (first fit in order) and is right-padded. Each record is a dict of [L] arrays:
+    inputs, targets: PAD on padding
+    segment_ids:     1, 2, ... per example (0 = padding): attention stays inside one
+    loss_mask:       1.0 only where the target is a completion token (EOS included)
+  """
+
+  def __init__(self, examples: Sequence[Completion], seq_len: int):
+    self.examples, self.seq_len = list(examples), seq_len
+    rows, row, used = [], [], 0
+    for i, ex in enumerate(self.examples):
+      if ex.prompt.size < 1 or ex.completion.size < 1:
+        raise ConfigError("data", f"example {i} needs a non-empty prompt and completion")
+      if ex.positions > seq_len:
+        raise ConfigError("data.seq_len", f"example {i} takes {ex.positions} positions, "
+                          f"more than seq_len={seq_len}")
+      if used + ex.positions > seq_len:
+        rows.append(row)
+        row, used = [], 0
+      row.append(i)
+      used += ex.positions
+    if row:
+      rows.append(row)
+    self.rows = rows
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+    L = self.seq_len
+    out = {"inputs": np.full(L, PAD, np.int32), "targets": np.full(L, PAD, np.int32),
+           "segment_ids": np.zeros(L, np.int32), "loss_mask": np.zeros(L, np.float32)}
+    at = 0
+    for segment, j in enumerate(self.rows[int(i)], 1):
+      ex = self.examples[j]
+      seq = np.concatenate([ex.prompt, ex.completion]).astype(np.int32)
+      n = seq.size - 1
+      out["inputs"][at:at + n], out["targets"][at:at + n] = seq[:-1], seq[1:]
+      out["segment_ids"][at:at + n] = segment
+      out["loss_mask"][at + ex.prompt.size - 1:at + n] = 1.0   # targets seq[len(prompt):]
+      at += n
+    return out
+
+  def batches(self, batch_size: int, max_rows: int | None = None
+              ) -> Iterator[dict[str, np.ndarray]]:
+    """The first ``max_rows`` rows (default all) in order; the last batch padded (mask 0)."""
+    n = len(self) if max_rows is None else min(max_rows, len(self))
+    for start in range(0, n, batch_size):
+      rows = [self[i] for i in range(start, min(start + batch_size, n))]
+      while len(rows) < batch_size:
+        rows.append({k: np.zeros_like(v) if k != "inputs" else np.full_like(v, PAD)
+                     for k, v in rows[0].items()})
+      yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}

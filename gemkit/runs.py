@@ -82,7 +82,9 @@ def load(path: str | pathlib.Path, step: int | None = None):
   The model is rebuilt from the model config recorded in the checkpoint, so
   it does not depend on the experiment file still being the same. A
   checkpoint written by ``launch.quantize`` records its quantization rules,
-  and the model comes back quantized the same way (``gemkit.quantize``).
+  and the model comes back quantized the same way (``gemkit.quantize``). A
+  ``launch.finetune`` run comes back as its base with the fine-tuned
+  parameters (quantization and adapters rebuilt: ``gemkit.finetune.load_run``).
   """
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -104,6 +106,11 @@ def load(path: str | pathlib.Path, step: int | None = None):
       at_step = "" if step is None else f" {step}"
       raise ConfigError("workdir", f"no complete checkpoint{at_step} under {directory}")
     meta = checkpointer.meta(step)
+    config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
+    if "finetune" in meta:
+      from gemkit import finetune  # pylint: disable=g-import-not-at-top
+      checkpointer.close()
+      return finetune.load_run(workdir, step, meta), config
     model_cfg = mlc.ConfigDict(meta["model"])
     quantization = meta.get("quantization")
 
@@ -121,5 +128,4 @@ def load(path: str | pathlib.Path, step: int | None = None):
   finally:
     checkpointer.close()
   model = train_lib.merge_model(graphdef, saved["params"], saved["frozen"])
-  config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
   return model, config

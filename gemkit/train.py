@@ -19,6 +19,9 @@ without saving, so the last checkpoint is the last good one.
 ``Trainer`` is the loop ``launch.train`` runs and notebooks drive:
 ``Trainer(config, workdir).run(steps=100)`` trains 100 more steps (resuming
 from the workdir's last checkpoint, if any) and returns the logged metrics.
+Fine-tuning (``gemkit.finetune``) runs the same loop and step: it passes a
+``model_fn`` (a trained base, maybe quantized, with LoRA adapters), a
+``trainable`` filter (``nnx.LoRAParam``) and the task's ``data``.
 On several processes (TPU pod workers, SLURM tasks) every process runs the
 same Trainer: each reads its own rows of every global batch, and all of them
 write their shards of each checkpoint. SIGTERM (a preemption notice) saves a
@@ -36,6 +39,7 @@ import pathlib
 import signal
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 import flax.struct
@@ -96,8 +100,17 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
+def _fold_in_path(path, key, shape):
+  """nnx.reseed policy: each RNG stream gets ``key`` folded with a hash of its path."""
+  del shape
+  return jax.random.fold_in(key, zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF)
+
+
 def _loss_sums(graphdef, params, frozen, batch, key, deterministic):
   model = merge_model(graphdef, params, frozen)
+  if not deterministic:   # dropout layers holding an RNG stream (LoRA adapters) use this key
+    model = nnx.view(model, only=nnx.Dropout, deterministic=False, raise_if_not_found=False)
+    nnx.reseed(model, dropout=key, policy=_fold_in_path)
   logits = model(batch["inputs"], batch["segment_ids"], deterministic=deterministic,
                  rngs=nnx.Rngs(dropout=key))
   mask = batch["loss_mask"]
@@ -182,11 +195,27 @@ class Trainer:
     config: a validated experiment ConfigDict.
     workdir: run directory; checkpoints under ``<workdir>/checkpoints``,
       metrics in ``<workdir>/metrics.jsonl``.
-    log: where progress goes (a MetricWriter is created if None).
+    writer: where progress goes (a MetricWriter is created if None).
+    model_fn: builds the initial model (e.g. a trained base with adapters);
+      default ``models.build(config.model)`` initialized from ``config.seed``.
+      With a model_fn the frozen part is rebuilt by it at every start, so
+      checkpoints hold only the trainable part and the optimizer state. The
+      Trainer owns the returned model's arrays (the step donates them):
+      return a fresh model, not one still used elsewhere.
+    trainable: nnx filter of the variables the optimizer trains (e.g.
+      ``nnx.LoRAParam``); everything else is frozen (``TrainState.frozen``).
+    data: the train and eval data instead of ``config.data``'s corpus: an
+      object with ``fingerprint`` (str), ``train_dataset(batch_size, seed,
+      process_index, process_count)`` (a Grain dataset of [B, T] batch
+      dicts, its iterator checkpointable) and ``eval_batches(batch_size,
+      max_rows)`` (e.g. ``gemkit.finetune.TaskData``).
+    meta: extra checkpoint metadata (JSON); must be equal to resume.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-               writer: metrics_lib.MetricWriter | None = None):
+               writer: metrics_lib.MetricWriter | None = None,
+               model_fn: Callable[[], nnx.Module] | None = None,
+               trainable: Any = nnx.Param, data: Any = None, meta: dict | None = None):
     validate(config)
     sharding_lib.initialize_distributed()   # a no-op unless this is one of several processes
     self.config = config
@@ -197,11 +226,17 @@ class Trainer:
         is_main=jax.process_index() == 0)
     self.mesh = sharding_lib.make_mesh(config.mesh)
     sharding_lib.check_batch(self.mesh, config.train.batch_size, config.data.seq_len)
-    self.corpus = data_lib.Corpus.from_config(config.data)
+    self._model_fn, self.trainable, self._task = model_fn, trainable, data
+    self.extra_meta = dict(meta or {})
+    self.corpus = data_lib.Corpus.from_config(config.data) if data is None else data
     self.tx, self.schedule = optim.make_optimizer(config.train)
     init = self._build_state()
-    self.data = data_lib.train_dataset(self.corpus, config.data, config.train.batch_size,
-                                       config.seed, jax.process_index(), jax.process_count())
+    if data is None:
+      self.data = data_lib.train_dataset(self.corpus, config.data, config.train.batch_size,
+                                         config.seed, jax.process_index(), jax.process_count())
+    else:
+      self.data = data.train_dataset(config.train.batch_size, config.seed,
+                                     jax.process_index(), jax.process_count())
     self.data_iter = iter(self.data)
     self.checkpointer = ckpt_lib.Checkpointer(
         self.workdir / "checkpoints", keep=config.train.keep_checkpoints,
@@ -218,15 +253,27 @@ class Trainer:
   def _build_state(self) -> Callable[[], TrainState]:
     """Sets the state's shardings and abstract shapes; returns the jitted initializer."""
     cfg = self.config
-    abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
-    graphdef, params_state, frozen_state = nnx.split(abstract, nnx.Param, ...)
+    if self._model_fn is None:
+      abstract = nnx.eval_shape(lambda: models.build(cfg.model, rngs=nnx.Rngs(0)))
+      built = None
+    else:
+      abstract = self._model_fn()
+      built = split_model(abstract, self.trainable)[1:]
+    graphdef, params_state, frozen_state = nnx.split(abstract, self.trainable, ...)
     self.graphdef = graphdef
+    # Dropout layers with their own RNG stream (adapters) need the non-deterministic step too.
+    self.deterministic = cfg.model.dropout_rate == 0.0 and not any(
+        isinstance(m, nnx.Dropout) and m.rate > 0 and m.rngs is not None
+        for _, m in nnx.iter_modules(abstract))
     param_sh = nnx.to_pure_dict(sharding_lib.param_shardings(params_state, self.mesh))
     frozen_sh = nnx.to_pure_dict(sharding_lib.param_shardings(frozen_state, self.mesh))
 
-    def init(seed):
-      model = models.build(cfg.model, rngs=nnx.Rngs(seed))
-      _, params, frozen = split_model(model)
+    def init(seed, built):
+      if built is None:
+        model = models.build(cfg.model, rngs=nnx.Rngs(seed))
+        _, params, frozen = split_model(model, self.trainable)
+      else:
+        params, frozen = built
       return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                         opt_state=self.tx.init(params),
                         rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1)),
@@ -234,7 +281,7 @@ class Trainer:
                         nonfinite_total=jnp.zeros((), jnp.int32))
 
     with sharding_lib.activate(self.mesh):
-      shapes = jax.eval_shape(functools.partial(init, cfg.seed))
+      shapes = jax.eval_shape(functools.partial(init, cfg.seed), built)
       replicated = sharding_lib.logical_sharding(self.mesh, None)
       # Optimizer moments mirror the params' shardings; optax counters are replicated.
       opt_sh = optax.tree_map_params(self.tx, lambda _, sh: sh, shapes.opt_state, param_sh,
@@ -247,13 +294,21 @@ class Trainer:
         lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
         shapes, self.state_sharding)
     self.num_params = count_params(shapes.params) + count_params(shapes.frozen)
-    return jax.jit(functools.partial(init, cfg.seed), out_shardings=self.state_sharding)
+    self.num_trainable = count_params(shapes.params)
+    if built is None:
+      return lambda: jax.jit(functools.partial(init, cfg.seed),
+                             out_shardings=self.state_sharding)(None)
+    # The frozen part stays the model_fn's arrays (no copy); checkpoints leave it out.
+    self._frozen = jax.device_put(built[1], frozen_sh)
+    init_trained = jax.jit(lambda params: init(cfg.seed, (params, None)),
+                           out_shardings=self.state_sharding.replace(frozen=None))
+    return lambda: init_trained(built[0]).replace(frozen=self._frozen)
 
   def _compile(self) -> None:
     cfg = self.config
     step = functools.partial(train_step, graphdef=self.graphdef, tx=self.tx,
                              schedule=self.schedule, grad_accum=cfg.train.grad_accum,
-                             deterministic=cfg.model.dropout_rate == 0.0)
+                             deterministic=self.deterministic)
     batch_sh = sharding_lib.batch_sharding(self.mesh)
     replicated = sharding_lib.logical_sharding(self.mesh, None)  # scalars every process reads
     self._train_step = jax.jit(step, donate_argnums=0,
@@ -269,7 +324,7 @@ class Trainer:
     cfg = self.config
     return {"model": cfg.model.to_dict(), "data": _data_identity(cfg),
             "corpus_fingerprint": self.corpus.fingerprint, "config": cfg.to_json_best_effort(),
-            "num_params": self.num_params}
+            "num_params": self.num_params, **self.extra_meta}
 
   def _maybe_restore(self) -> int | None:
     step = self.checkpointer.latest_step()
@@ -283,7 +338,16 @@ class Trainer:
       raise ConfigError("data", f"{where} was trained on corpus "
                         f"{saved.get('corpus_fingerprint')}, this one is "
                         f"{self.corpus.fingerprint}: resuming would not be exact")
-    self.state = self.checkpointer.restore(step, self.abstract_state, self.data_iter)
+    for key, value in self.extra_meta.items():
+      if saved.get(key) != value:
+        raise ConfigError(key, f"{where} holds a checkpoint of another {key} (checkpoint: "
+                          f"{saved.get(key)!r}, now: {value!r}); use another --workdir")
+    if self._model_fn is None:
+      self.state = self.checkpointer.restore(step, self.abstract_state, self.data_iter)
+    else:
+      state = self.checkpointer.restore(step, self.abstract_state.replace(frozen=None),
+                                        self.data_iter)
+      self.state = state.replace(frozen=self._frozen)
     self.writer.truncate_after(step)
     return step
 
@@ -317,15 +381,34 @@ class Trainer:
     d, t = self.config.data, self.config.train
     n = max_windows or d.eval_windows
     totals = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
+    batches = (data_lib.eval_batches(self.corpus.heldout, d.seq_len, t.batch_size, n)
+               if self._task is None else self._task.eval_batches(t.batch_size, n))
     with sharding_lib.activate(self.mesh):
-      for batch in data_lib.eval_batches(self.corpus.heldout, d.seq_len, t.batch_size, n):
+      for batch in batches:
         sums = jax.device_get(self._eval_step(self.state.params, self.state.frozen,
                                               self._device_batch(batch)))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return summarize_eval(totals)
 
   def save(self, force: bool = False) -> None:
-    self.checkpointer.save(self.step, self.state, self.meta(), self.data_iter, force=force)
+    state = self.state if self._model_fn is None else self.state.replace(frozen=None)
+    self.checkpointer.save(self.step, state, self.meta(), self.data_iter, force=force)
+
+  def step_memory(self) -> dict:
+    """XLA's memory analysis of the compiled train step, bytes (compiles it once more).
+
+    ``peak_memory_in_bytes`` is the compiler's peak of live buffers
+    (arguments, outputs and temporaries) of one step on this backend.
+    """
+    shape = (self.config.train.batch_size, self.config.data.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+             for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
+                              ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
+    with sharding_lib.activate(self.mesh):
+      stats = self._train_step.lower(self.abstract_state, batch).compile().memory_analysis()
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "peak_memory_in_bytes")
+    return {k: int(getattr(stats, k)) for k in keys if stats is not None and hasattr(stats, k)}
 
   def run(self, steps: int | None = None) -> list[dict]:
     """Trains ``steps`` more steps (default: up to ``train.steps``); returns logged metrics.

@@ -1,0 +1,91 @@
+"""Fine-tune the default base (runs/lm_tiny_v2: lm_tiny on Python code) on addition.
+
+Two-digit addition with the sum written least significant digit first
+("$47+85=231$" for 132; Lee et al. 2023, "Teaching Arithmetic to Small
+Transformers"), a task the base never saw. ``python -m launch.finetune``
+runs full fine-tuning, LoRA, DoRA and QLoRA (nf4 base) for the same steps on
+the same batches and prints the comparison (README "Fine-tuning" has the
+measured table). Held out: 1,000 distinct problems outside the training set.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "finetune_arithmetic"
+  c.seed = 0
+  c.methods = "full,lora,dora,qlora"   # any of full, lora, dora, qlora, pissa
+
+  c.base = ml_collections.ConfigDict()
+  c.base.workdir = "runs/lm_tiny_v2"   # a launch.train run directory
+  c.base.step = 0                      # 0: its latest checkpoint
+
+  c.task = ml_collections.ConfigDict()
+  c.task.kind = "arithmetic"           # arithmetic | jsonl
+  c.task.digits = 2                    # operands of min_digits..digits digits
+  c.task.min_digits = 2
+  c.task.reverse = True                # the sum least significant digit first
+  c.task.path = ""                     # jsonl: {"prompt", "completion"} lines
+  c.task.eval_path = ""                # jsonl: held-out file (else a hash split)
+  c.task.heldout_fraction = 0.1
+  c.task.train_examples = 10000        # arithmetic: drawn once (~5,700 distinct), then epochs
+  c.task.eval_examples = 1000          # held out: distinct problems none in training
+  c.task.seq_len = 128                 # examples packed whole into rows of this
+  c.task.prefetch = 2
+
+  # Adapters of lora / dora / qlora / pissa. lm_tiny is tiny (3.2M parameters,
+  # d_model 256): rank 8 on every linear layer would train 4.6% of it, so the
+  # default is rank 3 on every linear layer (attention and MLP): 1.8%.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.targets = "all-linear"        # regex over module paths, or all-linear
+  c.lora.rank = 3
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.0
+  c.lora.rslora = False
+
+  c.qlora = ml_collections.ConfigDict()
+  c.qlora.base_format = "nf4"          # gemkit.quantize spec of the frozen base
+
+  c.lr = ml_collections.ConfigDict()   # peak learning rate of each method
+  c.lr.full = 2e-3
+  c.lr.lora = 3e-3
+  c.lr.dora = 3e-3
+  c.lr.qlora = 3e-3
+  c.lr.pissa = 1e-3                    # not tuned
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 450
+  c.train.batch_size = 16
+  c.train.grad_accum = 1
+  c.train.lr = 1e-3                    # replaced by lr.<method>
+  c.train.min_lr_ratio = 0.1
+  c.train.warmup_steps = 20
+  c.train.schedule = "cosine"
+  c.train.decay_fraction = 0.2
+  c.train.wsd_decay = "sqrt"
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.max_nonfinite_steps = 10
+  c.train.log_every = 20
+  c.train.eval_every = 100000          # evaluated once at the end
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 1
+  c.train.async_checkpoint = False
+  c.train.tensorboard = False
+  c.train.sample_prompt = "$12+34="
+  c.train.sample_tokens = 8
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.sequence = 1
+  c.mesh.tensor = 1
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_sequence = 1
+  c.mesh.dcn_tensor = 1
+  return c

@@ -1,0 +1,54 @@
+"""Fine-tune a trained run: full fine-tuning, LoRA, DoRA, QLoRA (and PiSSA), compared.
+
+  python -m launch.finetune                                # experiments/finetune_arithmetic.py
+  python -m launch.finetune --config.methods=lora --config.lora.rank=4 \\
+      --config.base.workdir=runs/lm_tiny_v2 --workdir=/tmp/ft
+
+  # any {"prompt", "completion"} JSONL file (loss on the completion only):
+  python -m launch.finetune --config.task.kind=jsonl --config.task.path=data.jsonl
+
+Each method trains in <workdir>/<method> (re-running resumes; --overwrite
+restarts), adapters are also saved alone in <workdir>/<method>/adapter.
+Prints one table row per method (exact match, held-out completion loss,
+trainable parameters, optimizer-state and frozen bytes, XLA step peak memory,
+step time) and writes the report as JSON (and Markdown next to it).
+"""
+
+import functools
+import pathlib
+
+from absl import app, flags, logging
+
+from gemkit import config as config_lib
+from gemkit import finetune
+
+_CONFIG = config_lib.define_config_flag("experiments/finetune_arithmetic.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config.name>).")
+_JSON = flags.DEFINE_string("json", None, "Report path (default: <workdir>/finetune.json).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Restart methods whose run directories exist.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+
+  def run():
+    cfg = _CONFIG.value
+    workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
+    report = finetune.run(cfg, workdir, overwrite=_OVERWRITE.value,
+                          log=lambda line: print(line, flush=True))
+    path = finetune.write_json(report, _JSON.value or workdir / "finetune.json")
+    table = finetune.markdown_table(report)
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    for name, t in report["targets"].items():
+      value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+      print(f"{name}: {value} {'met' if t['met'] else 'NOT met'}")
+    print(f"{report['machine']}; JSON: {path}")
+
+  config_lib.run_guarded(run)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=functools.partial(config_lib.flags_parser,
+                                               validator=finetune.validate_config))
