@@ -117,14 +117,17 @@ def _require(cond: bool, key: str, message: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for values that cannot work together."""
   m, d, t = config.model, config.data, config.train
-  for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-              "mlp_dim", "vocab_size"):
-    _require(m[key] > 0, f"model.{key}", f"must be > 0, got {m[key]}")
-  _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-           f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
-  _require(m.head_dim % 2 == 0, "model.head_dim",
-           f"must be even for RoPE, got {m.head_dim}")
-  _validate_attention(m)
+  if m.get("family", "transformer") == "transformer":
+    for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
+                "mlp_dim", "vocab_size"):
+      _require(m[key] > 0, f"model.{key}", f"must be > 0, got {m[key]}")
+    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
+             f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
+    _require(m.head_dim % 2 == 0, "model.head_dim",
+             f"must be even for RoPE, got {m.head_dim}")
+    _validate_attention(m)
+  else:
+    _validate_family(m)
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
   _require(m.param_dtype in DTYPES, "model.param_dtype",
            f"must be one of {DTYPES}, got {m.param_dtype!r}")
@@ -168,6 +171,15 @@ def _validate_attention(m: ml_collections.ConfigDict) -> None:
              f"must be >= {least} with model.attention={pattern!r}, got {m.get(key, 0)}")
   _require(m.get("block_size", 128) >= 1, "model.block_size",
            f"must be >= 1, got {m.get('block_size')}")
+
+
+def _validate_family(model_cfg: ml_collections.ConfigDict) -> None:
+  """Other model families check their own keys (their config dataclass)."""
+  import models  # pylint: disable=g-import-not-at-top
+  try:
+    models.family_config(model_cfg)
+  except (TypeError, ValueError) as e:
+    raise ConfigError("model", str(e)) from None
 
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")

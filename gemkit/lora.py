@@ -214,21 +214,14 @@ class Adapter(nnx.Module):
 
   def __init__(self, base: layers.Dense, rule: LoRARule, key: jax.Array, *,
                decompose: bool = True):
-    k_in, n_out = base.in_features, base.out_features
-    r = rule.rank
-    if r > min(k_in, n_out):
-      raise ValueError(f"rank {r} exceeds min(in, out) = {min(k_in, n_out)}")
+    k_in, n_out, r = base.in_features, base.out_features, rule.rank
     in_name, out_name = _names(base)
-    self.rank, self.scaling, self.dora, self.init = r, rule.scaling, rule.dora, rule.init
     self.rule = rule
     key_a, key_drop = jax.random.split(key)
     a = jax.random.normal(key_a, (k_in, r), jnp.float32) * k_in ** -0.5
     b = jnp.zeros((r, n_out), jnp.float32)
     self.principal_a = self.principal_b = None
     if rule.init == "pissa":
-      if base.is_quantized:
-        raise ValueError("PiSSA needs a float base (it replaces W by its residual): apply "
-                         "it before quantizing; gemkit.quantize then quantizes the residual")
       if decompose:
         a, b = _principal_factors(base.kernel[...], r, rule.scaling)
       else:                     # placeholders: load_adapter restores A0, B0 and W_res
@@ -242,12 +235,16 @@ class Adapter(nnx.Module):
     self.dropout = (nnx.Dropout(rule.dropout, deterministic=True,
                                 rngs=nnx.Rngs(dropout=key_drop)) if rule.dropout else None)
 
+  @property
+  def scaling(self) -> float:
+    return self.rule.scaling
+
   def init_dora(self, base: layers.Dense) -> None:
     """m = ||W + s A B||_c and the stored ||W||_c (after any PiSSA residual)."""
     out_name = _names(base)[1]
     w = _weight(base)
     self.base_norm = nnx.data(_state(jnp.sqrt(jnp.sum(w * w, axis=0)), (out_name,)))
-    m = self.base_norm[...] if self.init == "standard" else self.column_norm(base)
+    m = self.base_norm[...] if self.rule.init == "standard" else self.column_norm(base)
     self.magnitude = nnx.data(_param(m, (out_name,)))
 
   def delta(self) -> jax.Array:
@@ -273,7 +270,7 @@ class Adapter(nnx.Module):
     xd = x if self.dropout is None else self.dropout(x)
     h = jnp.dot(xd.astype(dtype), self.a[...].astype(dtype))
     delta = self.scaling * jnp.dot(h, self.b[...].astype(dtype))
-    if not self.dora:
+    if not self.rule.dora:
       return y0 + delta
     # g - 1 as (m - norm) / norm: exactly 0 while m == norm (at init), however XLA divides.
     norm = jax.lax.stop_gradient(self.column_norm(base))
@@ -330,16 +327,18 @@ def _path(path: Sequence[Any]) -> str:
   return "/".join(map(str, path))
 
 
-def targets(model: nnx.Module) -> list[tuple[str, layers.Dense | LoRADense]]:
-  """(path, module) of every adaptable layer: LoRADense wrappers and bare Dense layers."""
+def _targets(model: nnx.Module) -> list[tuple[tuple, layers.Dense | LoRADense]]:
   found = []
   for path, m in nnx.iter_modules(model):
-    if isinstance(m, LoRADense):
-      found.append((_path(path), m))
-    elif isinstance(m, layers.Dense) and not (path and path[-1] == "base"
-                                              and isinstance(_get(model, path[:-1]), LoRADense)):
-      found.append((_path(path), m))
+    if isinstance(m, LoRADense) or (isinstance(m, layers.Dense) and not (
+        path and path[-1] == "base" and isinstance(_get(model, path[:-1]), LoRADense))):
+      found.append((tuple(path), m))
   return found
+
+
+def targets(model: nnx.Module) -> list[tuple[str, layers.Dense | LoRADense]]:
+  """(path, module) of every adaptable layer: LoRADense wrappers and bare Dense layers."""
+  return [(_path(p), m) for p, m in _targets(model)]
 
 
 def wrappers(model: nnx.Module) -> list[tuple[str, LoRADense]]:
@@ -355,8 +354,7 @@ def _get(model, path):
 
 
 def _set(model, path, value) -> None:
-  parent = _get(model, path[:-1])
-  key = path[-1]
+  parent, key = _get(model, path[:-1]), path[-1]
   if isinstance(key, int) or isinstance(parent, nnx.Dict):
     parent[key] = value
   else:
@@ -368,18 +366,43 @@ def _check_name(name: str) -> None:
     raise ValueError(f"adapter name must be an identifier, got {name!r}")
 
 
+def _check_layer(path: str, module, rule: LoRARule, name: str) -> None:
+  """ValueError if adapter ``name`` by ``rule`` cannot go on this layer."""
+  where = f"{path} [{module.in_features}, {module.out_features}]"
+  if rule.rank > min(module.in_features, module.out_features):
+    raise ValueError(f"{where}: rank {rule.rank} exceeds min(in, out)")
+  if not isinstance(module, LoRADense):
+    base = module
+  else:
+    base = module.base
+    if name in module.adapters:
+      raise ValueError(f"{where}: already has an adapter named {name!r}")
+    if module.merged is not None:
+      raise ValueError(f"{where}: adapter {module.merged!r} is merged; unmerge it first")
+    if len(module.adapters) and (rule.init == "pissa" or any(
+        a.rule.init == "pissa" for a in module.adapters.values())):
+      raise ValueError(f"{where}: a PiSSA adapter replaces the base weight by its residual; "
+                       f"it cannot share the layer (adapters {list(module.adapters)})")
+  if rule.init == "pissa" and base.is_quantized:
+    raise ValueError(f"{where}: PiSSA needs a float base (it replaces W by its residual): "
+                     "apply it before quantizing; gemkit.quantize then quantizes the residual")
+
+
 def apply_lora(model: nnx.Module, rules: RuleLike | Sequence[RuleLike], *,
                name: str = DEFAULT_NAME, seed: int = 0, activate: bool = True,
                base_fingerprint: str | None = None, _decompose: bool = True) -> nnx.Module:
   """Adds adapter ``name`` to the Dense layers ``rules`` select, in place; returns ``model``.
 
+  Every rule and layer is checked before anything changes: on a ValueError
+  (naming the layer or rule) the model is as it was.
+
   Args:
     model: an NNX model built from ``models.layers.Dense`` (float or
       quantized), possibly already carrying adapters.
-    rules: :class:`LoRARule`\\ s (or dicts); each layer takes the first rule
+    rules: LoRARules (or dicts); each layer takes the first rule
       that matches its path. A rule that matches no layer is an error.
     name: the adapter's name (an identifier); must be new on every layer.
-    seed: seeds A's Gaussian init and the dropout stream.
+    seed: seeds A's Gaussian init and the dropout streams.
     activate: make ``name`` the active adapter of the layers it adapts.
     base_fingerprint: the base's :func:`fingerprint` to record (default:
       computed from ``model`` if it has no adapters yet, else kept). Pass
@@ -387,32 +410,26 @@ def apply_lora(model: nnx.Module, rules: RuleLike | Sequence[RuleLike], *,
   """
   _check_name(name)
   parsed = parse_rules(rules)
-  layers_ = targets(model)
+  layers_ = _targets(model)
+  plan, used = [], set()
+  for path, module in layers_:
+    i = next((j for j, r in enumerate(parsed) if r.matches(_path(path))), None)
+    if i is not None:
+      used.add(i)
+      _check_layer(_path(path), module, parsed[i], name)
+      plan.append((path, module, parsed[i]))
+  idle = [parsed[i].targets for i in range(len(parsed)) if i not in used]
+  if idle:
+    paths = [_path(p) for p, _ in layers_]
+    raise ValueError(f"LoRA rule(s) {idle} matched no Dense layer; the Dense paths are "
+                     f"{paths[:6]}{' ...' if len(paths) > 6 else ''}")
   if base_fingerprint is None:
     known = {w.base_fingerprint for _, w in wrappers(model)}
     base_fingerprint = known.pop() if len(known) == 1 else fingerprint(model)
-  used, key = set(), jax.random.key(seed)
-  for i, (path, module) in enumerate(layers_):
-    rule_i = next((j for j, r in enumerate(parsed) if r.matches(path)), None)
-    if rule_i is None:
-      continue
-    used.add(rule_i)
-    rule = parsed[rule_i]
+  key = jax.random.key(seed)
+  for i, (path, module, rule) in enumerate(plan):
     wrapper = module if isinstance(module, LoRADense) else LoRADense(module, base_fingerprint)
-    if name in wrapper.adapters:
-      raise ValueError(f"{path}: already has an adapter named {name!r}")
-    if rule.init == "pissa" and len(wrapper.adapters):
-      raise ValueError(f"{path}: PiSSA replaces the base weight by its residual and cannot "
-                       f"share a layer with adapters {list(wrapper.adapters)}")
-    if any(a.init == "pissa" for a in wrapper.adapters.values()):
-      raise ValueError(f"{path}: holds a PiSSA adapter (its base is a residual); "
-                       "no other adapter can share it")
-    if wrapper.merged is not None:
-      raise ValueError(f"{path}: adapter {wrapper.merged!r} is merged; unmerge it first")
-    try:
-      adapter = Adapter(wrapper.base, rule, jax.random.fold_in(key, i), decompose=_decompose)
-    except ValueError as e:
-      raise ValueError(f"{path} [{module.in_features}, {module.out_features}]: {e}") from None
+    adapter = Adapter(wrapper.base, rule, jax.random.fold_in(key, i), decompose=_decompose)
     if rule.init == "pissa":
       w = wrapper.base.kernel
       w[...] = (w[...].astype(jnp.float32) - adapter.delta()).astype(w.dtype)
@@ -422,17 +439,8 @@ def apply_lora(model: nnx.Module, rules: RuleLike | Sequence[RuleLike], *,
     if activate:
       wrapper.active = name
     if wrapper is not module:
-      _set(model, tuple(_split_path(path)), wrapper)
-  idle = [parsed[i].targets for i in range(len(parsed)) if i not in used]
-  if idle:
-    paths = [p for p, _ in layers_]
-    raise ValueError(f"LoRA rule(s) {idle} matched no Dense layer; the Dense paths are "
-                     f"{paths[:6]}{' ...' if len(paths) > 6 else ''}")
+      _set(model, path, wrapper)
   return model
-
-
-def _split_path(path: str) -> list[Any]:
-  return [int(p) if p.isdigit() else p for p in path.split("/")]
 
 
 def set_active(model: nnx.Module, name: str | None) -> nnx.Module:
@@ -494,7 +502,7 @@ def merge(model: nnx.Module, name: str | None = None) -> nnx.Module:
     a = w.adapters[n]
     kernel = w.base.kernel
     new = kernel[...].astype(jnp.float32) + a.delta()
-    if a.dora:
+    if a.rule.dora:
       g = a.dora_scale(w.base)
       a.merge_scale = nnx.data(_state(g, (_names(w.base)[1],)))
       new = new * g[None, :]
@@ -514,7 +522,7 @@ def unmerge(model: nnx.Module) -> nnx.Module:
     a = w.adapters[w.merged]
     kernel = w.base.kernel
     value = kernel[...].astype(jnp.float32)
-    if a.dora:
+    if a.rule.dora:
       value = value / a.merge_scale[...][None, :]
       a.merge_scale = nnx.data(None)
     kernel[...] = (value - a.delta()).astype(kernel.dtype)
@@ -528,8 +536,9 @@ def unwrap(model: nnx.Module) -> nnx.Module:
   A PiSSA layer's base is its residual: merge it first (or it loses the
   principal part).
   """
-  for path, w in wrappers(model):
-    _set(model, tuple(_split_path(path)), w.base)
+  for path, w in _targets(model):
+    if isinstance(w, LoRADense):
+      _set(model, path, w.base)
   return model
 
 
@@ -703,7 +712,7 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
     adapter = ws[path].adapters[name]
     for k, v in arrs.items():
       getattr(adapter, k)[...] = jnp.asarray(v)
-    if adapter.init == "pissa":     # the base becomes the residual the adapter was trained on
+    if adapter.rule.init == "pissa":     # the base becomes the residual it was trained on
       kernel = ws[path].base.kernel
       principal = adapter.scaling * jnp.dot(adapter.principal_a[...], adapter.principal_b[...])
       kernel[...] = (kernel[...].astype(jnp.float32) - principal).astype(kernel.dtype)

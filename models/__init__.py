@@ -1,4 +1,4 @@
-"""Flax NNX model families built on ops/: transformer (griffin, linear_rnn to come).
+"""Flax NNX model families built on ops/: transformer, griffin (Griffin, Hawk), linear_rnn.
 
 ``build(model_cfg, rngs=...)`` constructs the family named by
 ``model_cfg.family`` from a ``config.model`` block.
@@ -6,21 +6,29 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from flax import nnx
 
-from models import transformer
+from models import griffin, linear_rnn, transformer
 
-_FAMILIES: dict[str, Callable[..., nnx.Module]] = {
-    "transformer": lambda cfg, rngs: transformer.Transformer(
-        transformer.TransformerConfig.from_config(cfg), rngs=rngs),
+# family -> (config dataclass with from_config, model class)
+_FAMILIES: dict[str, tuple[Any, Any]] = {
+    "transformer": (transformer.TransformerConfig, transformer.Transformer),
+    "griffin": (griffin.GriffinConfig, griffin.Griffin),
+    "linear_rnn": (linear_rnn.LinearRNNConfig, linear_rnn.LinearRNN),
 }
+
+
+def family_config(model_cfg: Mapping[str, Any]):
+  """The family's config dataclass from a ``config.model`` block (a ValueError
+  names an unknown key or a value that cannot work)."""
+  family = model_cfg["family"]
+  if family not in _FAMILIES:
+    raise ValueError(f"model.family must be one of {sorted(_FAMILIES)}, got {family!r}")
+  return _FAMILIES[family][0].from_config(model_cfg)
 
 
 def build(model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
   """The model of family ``model_cfg["family"]``, initialised from ``rngs``."""
-  family = model_cfg["family"]
-  if family not in _FAMILIES:
-    raise ValueError(f"model.family must be one of {sorted(_FAMILIES)}, got {family!r}")
-  return _FAMILIES[family](model_cfg, rngs)
+  return _FAMILIES[model_cfg["family"]][1](family_config(model_cfg), rngs=rngs)

@@ -69,7 +69,7 @@ def test_pissa_starts_at_the_base_and_freezes_the_residual():
 def test_rules_select_by_full_regex_in_either_spelling_and_typos_fail():
   model = lora.apply_lora(_base(), [lora.LoRARule(r".*attn\.(q|k|v|o)_proj", rank=2),
                                     {"targets": r".*/mlp/down_proj", "rank": 3}])
-  paths = {p: w.adapters["default"].rank for p, w in lora.wrappers(model)}
+  paths = {p: w.adapters["default"].rule.rank for p, w in lora.wrappers(model)}
   assert len(paths) == 10 and paths["blocks/1/attn/k_proj"] == 2
   assert paths["blocks/0/mlp/down_proj"] == 3
   untied = lora.apply_lora(_base(**{"model.tie_embeddings": False}), lora.LoRARule())
