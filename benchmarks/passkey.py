@@ -1,0 +1,229 @@
+"""Passkey retrieval: dense vs top-k block vs sliding-window attention.
+
+For each pattern of ``passkey.patterns`` (``experiments/passkey.py``) a
+transformer is trained from scratch on the default corpus with a pass key
+planted at a uniformly random depth of every context::
+
+  BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
+       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
+
+The haystack is a random span of the corpus's train split (document breaks
+become newlines). The loss is next-byte prediction on every position, with
+weight ``passkey.answer_weight`` on the answer bytes. Evaluation plants keys
+in held-out spans at ``passkey.eval_examples`` depths spread over [0, 1] for
+each length of ``passkey.eval_lens`` and reports:
+
+- ``acc``: all key digits are the argmax of a forward pass over prompt and
+  answer (teacher forcing; how ``gemkit.evaluate`` scores synthetic tasks).
+  For top-k the block selection of the last query block then also sees the
+  answer's queries (the forward pass selects per block of queries).
+- ``gen``: greedy generation from the prompt alone (``gemkit.sample``;
+  prefill, then one ``decode`` step per digit; top-k decodes with Quest
+  page selection).
+
+Time per training step: median wall time of the steps after the first
+(compilation), each waited for, with the load average of the machine.
+Prints a table and writes JSON (default
+``benchmarks/results/passkey_<machine>.json``).
+
+  python benchmarks/passkey.py                       # the README table
+  python benchmarks/passkey.py --set train.steps=50 --set passkey.patterns=topk
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import models  # noqa: E402
+from gemkit import config as config_lib  # noqa: E402
+from gemkit import data as data_lib  # noqa: E402
+from gemkit import optim  # noqa: E402
+from gemkit import sample as sample_lib  # noqa: E402
+from gemkit import train as train_lib  # noqa: E402
+from experiments import passkey as task  # noqa: E402
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _greedy(graphdef, params, frozen, inputs):
+  model = train_lib.merge_model(graphdef, params, frozen)
+  return jnp.argmax(model(inputs), -1)
+
+
+def evaluate(model, graphdef, params, frozen, stream, length: int, n: int, p, seed: int,
+             batch_size: int, generate: bool = True) -> dict:
+  """acc (teacher-forced), gen (greedy generation), digit_acc and acc per depth quarter."""
+  rng = np.random.default_rng([seed, length])
+  depths = (np.arange(n) + 0.5) / n
+  exs = [task.example(stream.tokens, rng, length, p.digits, d, distinct=p.distinct_digits)
+         for d in depths]
+  first = exs[0][1][-1]   # same layout for every example of this length
+  acc, gen, digit = [], [], []
+  for i in range(0, n, batch_size):
+    tokens = np.stack([t for t, _, _ in exs[i:i + batch_size]])
+    pred = np.asarray(_greedy(graphdef, params, frozen, jnp.asarray(tokens[:, :-1])))
+    hit = task.score(pred, tokens, first, p.digits)
+    acc += list(hit.all(1))
+    digit += list(hit.mean(1))
+    if generate:
+      out = sample_lib.generate_ids(model, list(tokens[:, :first]), max_new_tokens=p.digits)
+      gen += list((out == tokens[:, first:first + p.digits]).all(1))
+  acc = np.asarray(acc, float)
+  quarters = [float(acc[(depths >= q / 4) & (depths < (q + 1) / 4)].mean()) for q in range(4)]
+  return {"acc": float(acc.mean()), "gen": float(np.mean(gen)) if gen else None,
+          "digit_acc": float(np.mean(digit)), "acc_by_depth_quarter": quarters}
+
+
+def kv_fraction(m, length: int) -> str:
+  """Share of the causal (query block, kv block) pairs a pattern visits at ``length``."""
+  nb = -(-length // m.block_size)
+  causal = nb * (nb + 1) / 2
+  if m.attention == "topk":
+    kept = sum(min(qb + 1, m.top_k + m.local_blocks + m.sink_blocks) for qb in range(nb))
+  elif m.attention == "sliding":
+    w = -(-m.window // m.block_size) + 1
+    kept = sum(min(qb + 1, w) for qb in range(nb))
+  else:
+    kept = causal
+  return f"{kept / causal:.2f}"
+
+
+def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
+          batch_size: int, lr: float | None = None,
+          probe_every: int = 0) -> tuple[Any, Any, Any, dict]:
+  """Trains ``cfg.model`` (from ``params`` if given) for ``steps`` on passkey rows
+  of the train split; every ``probe_every`` steps logs held-out accuracy at
+  ``seq_len`` (teacher forced, 16 keys). Returns (graphdef, params, frozen,
+  timing, loss and probes)."""
+  t = cfg.train.copy_and_resolve_references()
+  t.steps = steps
+  t.warmup_steps = min(t.warmup_steps, steps)
+  if lr is not None:
+    t.lr = lr
+  model = models.build(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  graphdef, init, frozen = train_lib.split_model(model)
+  params = init if params is None else params
+  tx, schedule = optim.make_optimizer(t)
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                               opt_state=tx.init(params),
+                               rng=jax.random.key_data(jax.random.key(cfg.seed)))
+  step_fn = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
+                                      schedule=schedule, grad_accum=1, deterministic=True))
+  rng = np.random.default_rng([cfg.seed, seq_len])
+  times, losses, probes = [], [], []
+  start = time.perf_counter()
+  for i in range(steps):
+    batch = task.train_batch(corpus.train.tokens, rng, batch_size, seq_len, cfg.passkey)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))          # waits for the step
+    times.append(time.perf_counter() - t0)
+    if (i + 1) % t.log_every == 0 or i + 1 == steps:
+      log(f"  {tag} step {i + 1}/{steps}  loss {np.mean(losses[-t.log_every:]):.3f}  "
+          f"{statistics.median(times[1:] or times) * 1e3:.0f} ms/step  "
+          f"elapsed {time.perf_counter() - start:.0f}s")
+    if probe_every and ((i + 1) % probe_every == 0 or i + 1 == steps):
+      model = train_lib.merge_model(graphdef, state.params, state.frozen)
+      r = evaluate(model, graphdef, state.params, state.frozen, corpus.heldout, seq_len, 16,
+                   cfg.passkey, cfg.seed + 2, batch_size, generate=False)
+      probes.append({"step": i + 1, "acc": r["acc"], "digit_acc": r["digit_acc"]})
+      log(f"  {tag} step {i + 1}: held-out acc@{seq_len} {r['acc']:.2f} "
+          f"digit acc {r['digit_acc']:.2f}")
+  stats = {"step_ms": statistics.median(times[1:] or times) * 1e3, "compile_s": times[0],
+           "train_s": time.perf_counter() - start,
+           "final_loss": float(np.mean(losses[-t.log_every:])), "probes": probes}
+  return graphdef, state.params, state.frozen, stats
+
+
+def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
+  """Trains (from ``params``: the shared short-context stage) and evaluates one pattern."""
+  cfg = config.copy_and_resolve_references()
+  cfg.model.attention = pattern
+  config_lib.validate(cfg)
+  p = cfg.passkey
+  graphdef, params, frozen, stats = train(
+      cfg, corpus, log, pattern, params, steps=cfg.train.steps,
+      seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size)
+  model = train_lib.merge_model(graphdef, params, frozen)
+  row = {"pattern": pattern, **stats, "kv_fraction": kv_fraction(cfg.model, cfg.data.seq_len),
+         "eval": {}}
+  start = time.perf_counter()
+  for length in [int(x) for x in p.eval_lens.split(",")]:
+    row["eval"][length] = evaluate(model, graphdef, params, frozen, corpus.heldout, length,
+                                   p.eval_examples, p, cfg.seed + 1, p.eval_batch)
+    log(f"  {pattern} acc@{length} {row['eval'][length]['acc']:.2f}")
+  row["eval_s"] = time.perf_counter() - start
+  return row
+
+
+def _machine() -> str:
+  if jax.default_backend() == "cpu":
+    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
+  return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="experiments/passkey.py")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override, e.g. --set train.steps=50 (repeatable)")
+  parser.add_argument("--out", default=None)
+  args = parser.parse_args(argv)
+  try:
+    config = config_lib.load(args.config, **dict(s.split("=", 1) for s in args.set))
+  except config_lib.ConfigError as e:
+    parser.error(str(e))
+  machine = _machine()
+  log = functools.partial(print, flush=True)
+  log(f"# {machine} ({jax.default_backend()}), jax {jax.__version__}, load average "
+      f"{os.getloadavg()[0]:.1f} at start; {config.train.steps} steps x "
+      f"{config.train.batch_size} x {config.data.seq_len} bytes per pattern")
+  corpus = data_lib.Corpus.from_config(config.data)
+  p, params, pretrain = config.passkey, None, None
+  if p.pretrain_steps:
+    cfg = config.copy_and_resolve_references()
+    cfg.model.attention = "dense"
+    _, params, _, pretrain = train(cfg, corpus, log, "pretrain (dense)",
+                                   steps=p.pretrain_steps, seq_len=p.pretrain_len,
+                                   batch_size=p.pretrain_batch, lr=p.pretrain_lr,
+                                   probe_every=p.probe_every)
+    log(f"# pretraining: {p.pretrain_steps} steps x {p.pretrain_batch} x {p.pretrain_len} "
+        f"bytes, {pretrain['step_ms']:.0f} ms/step, {pretrain['train_s']:.0f} s")
+  rows = [run_pattern(config, pattern, corpus, log, params)
+          for pattern in p.patterns.split(",")]
+  lens = list(rows[0]["eval"])
+  head = (f"{'pattern':<8} {'kv blocks':>9} {'ms/step':>8} {'loss':>6} "
+          + " ".join(f"{'acc@' + str(n):>9} {'gen@' + str(n):>9}" for n in lens)
+          + "  acc@" + str(lens[-1]) + " by depth quarter")
+  log(head)
+  for r in rows:
+    log(f"{r['pattern']:<8} {r['kv_fraction']:>9} {r['step_ms']:>8.0f} {r['final_loss']:>6.3f} "
+        + " ".join(f"{r['eval'][n]['acc']:>9.2f} {r['eval'][n]['gen']:>9.2f}" for n in lens)
+        + "  " + " ".join(f"{a:.2f}" for a in r["eval"][lens[-1]]["acc_by_depth_quarter"]))
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"passkey_{machine}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  meta = dict(machine=machine, backend=jax.default_backend(), jax=jax.__version__,
+              argv=sys.argv[1:], config=config.to_dict(), pretrain=pretrain,
+              load_average_end=os.getloadavg()[0])
+  with open(out, "w") as f:
+    json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+  log(f"# wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

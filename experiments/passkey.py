@@ -1,0 +1,183 @@
+"""Passkey retrieval with dense, top-k block and sliding-window attention.
+
+The task (Mohtashami & Jaggi 2023, "Landmark Attention"), on bytes: a pass key
+planted at a random depth of a span of the default corpus (Python stdlib
+sources), asked for at the end::
+
+  BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
+       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
+
+``benchmarks/passkey.py`` trains one byte-level transformer per pattern of
+``passkey.patterns`` from scratch and prints retrieval accuracy and time per
+training step (README "Sparse attention"). Training has two stages:
+
+1. shared, dense, on short contexts (``pretrain_len`` bytes): the model learns
+   the byte LM and to copy the key (an induction head). At this length every
+   pattern below is dense attention (``top_k + local + sink`` blocks and the
+   window cover the whole context), so the stage is what each pattern would
+   train alone; it is run once and shared.
+2. per pattern, from the shared weights, ``train.steps`` steps at
+   ``data.seq_len`` bytes with ``model.attention`` set to the pattern.
+
+Then each model is asked for held-out keys at ``eval_lens`` bytes.
+
+Sparse keys (block_size 64): topk keeps ``top_k`` = 12 selected blocks plus one
+local and one sink block, 14 of the 64 blocks of a 4K context (<= 1/4 of the
+causal (query, kv) block pairs at 4K, see the table's ``kv blocks``); sliding
+keeps ``window`` = 512 keys (the same compute per query as topk at 4K up to a
+block).
+
+Deviations from the issue, forced by a 2-core CPU (dense attention at 4K costs
+~9 s per training step of one row there): contexts of 4K bytes at evaluation
+(the issue: 4K-16K), training at ``data.seq_len`` = 2K bytes in stage 2 (the
+sparse patterns are also trained there, so the per-step times compare like with
+like), a 2-layer model, and keys of distinct digits (``distinct_digits``: a
+repeated digit makes the byte after it ambiguous for a small model's
+one-token induction head; the comparison between patterns is about whether
+attention reaches the needle, not about that).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+
+from experiments import lm_tiny
+from gemkit.data import BOS
+
+MARK = "$"   # before every key: a byte that is rare in the corpus (0.07 per 2K bytes)
+QUESTION = "\nWhat is the pass key? The pass key is " + MARK
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = lm_tiny.get_config()
+  c.name = "passkey"
+  c.seed = 0
+  m = c.model
+  m.num_layers = 2
+  m.d_model = 128
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 32
+  m.mlp_dim = 384
+  m.attention = "dense"             # set per pattern by benchmarks/passkey.py
+  m.window = 512
+  m.block_size = 64
+  m.top_k = 12
+  m.local_blocks = 1
+  m.sink_blocks = 1
+
+  c.data.seq_len = 2048             # stage 2 training context (bytes)
+  c.train.steps = 60                # stage 2 steps per pattern
+  c.train.batch_size = 2
+  c.train.lr = 1e-3
+  c.train.warmup_steps = 5
+  c.train.log_every = 10
+
+  c.passkey = ml_collections.ConfigDict()
+  c.passkey.patterns = "dense,topk,sliding"   # model.attention of each trained model
+  c.passkey.digits = 5
+  c.passkey.distinct_digits = True  # keys of 5 different digits
+  c.passkey.min_len = 0             # > 0: rows packed with documents of min_len..len bytes
+  c.passkey.lm_weight = 1.0         # loss weight of the haystack bytes
+  c.passkey.train_questions = 3     # extra question-answer pairs after the needle (training)
+  c.passkey.answer_weight = 50.0    # loss weight of each key byte after a question
+  c.passkey.pretrain_steps = 900    # stage 1 (shared, dense) steps (0: none)
+  c.passkey.pretrain_len = 256
+  c.passkey.pretrain_batch = 16
+  c.passkey.pretrain_lr = 3e-3
+  c.passkey.probe_every = 100       # stage 1: held-out accuracy at pretrain_len every N steps
+  c.passkey.eval_lens = "1024,4096"  # held-out context lengths (bytes)
+  c.passkey.eval_examples = 48      # per length, depths spread evenly over [0, 1]
+  c.passkey.eval_batch = 4
+  return c
+
+
+def make_key(rng: np.random.Generator, digits: int, distinct: bool) -> str:
+  """A random key of ``digits`` decimal digits, no leading zero."""
+  if distinct:
+    if not 1 <= digits <= 10:
+      raise ValueError(f"digits must be in 1..10 for distinct digits, got {digits}")
+    first = int(rng.integers(1, 10))
+    rest = rng.permutation([d for d in range(10) if d != first])[:digits - 1]
+    return str(first) + "".join(str(d) for d in rest)
+  return str(rng.integers(10 ** (digits - 1), 10 ** digits))
+
+
+def needle(key: str) -> str:
+  return f"\nThe pass key is {MARK}{key}. Remember it. {MARK}{key} is the pass key.\n"
+
+
+def _bytes(s: str) -> np.ndarray:
+  return np.frombuffer(s.encode(), np.uint8).astype(np.int32)
+
+
+def example(tokens: np.ndarray, rng: np.random.Generator, length: int, digits: int,
+            depth: float | None = None, questions: int = 0,
+            distinct: bool = True) -> tuple[np.ndarray, list[int], str]:
+  """One passkey document of ``length + 1`` tokens from the corpus ``tokens``.
+
+  BOS, a random span of ``tokens`` (ids >= 256, document breaks, become
+  newlines) with the needle at ``depth`` of it (None: uniform), ``questions``
+  question-answer pairs at uniformly random places after the needle, then
+  the final question, the key and ".".
+
+  Returns (tokens [length + 1] int32, start index of each answer's key, key).
+  """
+  key = make_key(rng, digits, distinct)
+  qa = QUESTION + key + "."
+  hay_len = length - len(needle(key)) - (questions + 1) * len(qa)
+  if hay_len < 0:
+    raise ValueError(f"length {length} is too short for the needle and {questions + 1} "
+                     "questions")
+  start = int(rng.integers(0, tokens.size - hay_len + 1))
+  hay = tokens[start:start + hay_len].astype(np.int32)
+  hay = np.where(hay >= 256, ord("\n"), hay)
+  at = int(rng.integers(0, hay_len + 1)) if depth is None else int(round(depth * hay_len))
+  cuts = [at] + sorted(rng.integers(at, hay_len + 1, questions).tolist()) + [hay_len]
+  pieces, keys = [np.array([BOS], np.int32), hay[:at], _bytes(needle(key))], []
+  for lo, hi in zip(cuts[:-1], cuts[1:]):       # haystack, then a question and its answer
+    pieces.append(hay[lo:hi])
+    keys.append(sum(x.size for x in pieces) + len(QUESTION))
+    pieces.append(_bytes(qa))
+  return np.concatenate(pieces), keys, key
+
+
+def train_row(tokens: np.ndarray, rng: np.random.Generator, seq_len: int,
+              p: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """One training row of ``seq_len`` inputs: passkey documents of uniformly
+  random lengths in [min_len, seq_len] (min_len 0: one document), segment ids
+  1, 2, ..., loss weight ``lm_weight`` on haystack bytes and ``answer_weight``
+  on the key bytes after each question; the first target of each document
+  (its first byte, predicted from BOS) has weight ``lm_weight`` too."""
+  min_len = p.min_len or seq_len
+  toks, seg, weight, left = [], [], [], seq_len + 1
+  while left:
+    n = int(rng.integers(min_len, seq_len + 1))
+    n = left if left - n < min_len else min(n, left)
+    doc, keys, _ = example(tokens, rng, n - 1, p.digits, questions=p.train_questions,
+                           distinct=p.distinct_digits)
+    w = np.full(n, p.lm_weight, np.float32)
+    for k in keys:
+      w[k:k + p.digits] = p.answer_weight
+    w[0] = 0.0                                  # BOS follows another document
+    toks.append(doc)
+    seg.append(np.full(n, len(seg) + 1, np.int32))
+    weight.append(w)
+    left -= n
+  toks, seg, weight = (np.concatenate(x) for x in (toks, seg, weight))
+  return {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": seg[:-1],
+          "loss_mask": weight[1:]}
+
+
+def train_batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int,
+                p: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  rows = [train_row(tokens, rng, seq_len, p) for _ in range(batch_size)]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def score(pred: np.ndarray, tokens: np.ndarray, first: int, digits: int) -> np.ndarray:
+  """Per-digit hits [B, digits]: ``pred`` [B, >= first - 1 + digits] is the
+  argmax next token at each input position of ``tokens`` [B, N] (teacher
+  forcing), whose key starts at ``first``."""
+  return pred[:, first - 1:first - 1 + digits] == tokens[:, first:first + digits]

@@ -1,0 +1,89 @@
+"""The passkey task of experiments/passkey.py: data builder and scorer."""
+
+import numpy as np
+import pytest
+
+from experiments import passkey
+from gemkit import config as config_lib
+from gemkit import data as data_lib
+
+# A haystack with document breaks (EOS, BOS) and no "$".
+HAY = np.concatenate([np.frombuffer(b"x = 1\nprint(x)\n" * 40, np.uint8).astype(np.uint16),
+                      np.array([data_lib.EOS, data_lib.BOS], np.uint16)] * 8)
+
+
+def _text(tokens) -> str:
+  return bytes(int(t) for t in tokens if t < 256).decode()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+@pytest.mark.parametrize("questions", [0, 3])
+def test_example_plants_the_key(depth, questions):
+  rng = np.random.default_rng(1)
+  doc, keys, key = passkey.example(HAY, rng, 1000, 5, depth, questions=questions)
+  assert doc.shape == (1001,) and doc[0] == data_lib.BOS
+  assert (doc[1:] < 256).all()                     # document breaks became newlines
+  assert len(key) == 5 and key[0] != "0" and len(set(key)) == 5
+  text = _text(doc[1:])
+  at = text.index(passkey.needle(key))
+  hay_len = 1000 - len(passkey.needle(key)) - (questions + 1) * len(passkey.QUESTION + key + ".")
+  assert at == round(depth * hay_len)              # the needle at its depth of the haystack
+  assert text.count(passkey.MARK) == 2 + questions + 1
+  assert text.endswith(passkey.QUESTION + key + ".")
+  assert len(keys) == questions + 1 and keys == sorted(keys)
+  for k in keys:                                   # every answer: the key after a question
+    assert _text(doc[k:k + 5]) == key
+    assert _text(doc[k - len(passkey.QUESTION):k]) == passkey.QUESTION
+  assert keys[-1] == 1001 - 6
+
+
+def test_example_rejects_short_length():
+  with pytest.raises(ValueError, match="length 100"):
+    passkey.example(HAY, np.random.default_rng(0), 100, 5, questions=1)
+
+
+def test_keys_with_repeats_allowed():
+  rng = np.random.default_rng(0)
+  keys = [passkey.make_key(rng, 5, distinct=False) for _ in range(200)]
+  assert all(len(k) == 5 and k[0] != "0" for k in keys)
+  assert any(len(set(k)) < 5 for k in keys)
+
+
+@pytest.mark.parametrize("min_len,questions", [(0, 3), (120, 0)])
+def test_train_batch_weights_answers(min_len, questions):
+  p = config_lib.load("experiments/passkey.py").passkey
+  p.min_len, p.train_questions = min_len, questions
+  b = passkey.train_batch(HAY, np.random.default_rng(2), 3, 512, p)
+  assert {k: v.shape for k, v in b.items()} == {k: (3, 512) for k in b}
+  np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+  for row in range(3):
+    inputs, targets, seg, w = (b[k][row] for k in ("inputs", "targets", "segment_ids",
+                                                    "loss_mask"))
+    assert inputs[0] == data_lib.BOS and seg[0] == 1 and (np.diff(seg) >= 0).all()
+    assert (seg[inputs == data_lib.BOS] == np.unique(seg)).all()   # one BOS per segment
+    answer = w == p.answer_weight
+    # Each document: (train_questions + 1) answers of `digits` key bytes after "$".
+    assert answer.sum() == seg.max() * (p.train_questions + 1) * p.digits
+    first = np.flatnonzero(answer & ~np.roll(answer, 1))
+    assert (inputs[first] == ord(passkey.MARK)).all()
+    assert (targets[answer] >= ord("0")).all() and (targets[answer] <= ord("9")).all()
+    assert set(np.unique(w)) <= {0.0, p.lm_weight, p.answer_weight}
+    assert (w[targets == data_lib.BOS] == 0).all()    # no loss across documents
+    if min_len:                                       # documents of >= min_len bytes
+      assert (np.bincount(seg)[1:-1] >= min_len).all()
+  assert b["segment_ids"].max() > 1 if min_len else b["segment_ids"].max() == 1
+
+
+def test_score_teacher_forced():
+  rng = np.random.default_rng(3)
+  docs = [passkey.example(HAY, rng, 300, 5, d) for d in (0.2, 0.8)]
+  tokens = np.stack([d for d, _, _ in docs])
+  first = docs[0][1][-1]
+  perfect = tokens[:, 1:]                          # the next token at every input position
+  hits = passkey.score(perfect, tokens, first, 5)
+  assert hits.shape == (2, 5) and hits.all()
+  wrong = perfect.copy()
+  wrong[0, first] = ord("x")                       # predicts the second key digit of example 0
+  wrong[1, first - 2] = ord("x")                   # before the key: not scored
+  hits = passkey.score(wrong, tokens, first, 5)
+  np.testing.assert_array_equal(hits, [[1, 0, 1, 1, 1], [1] * 5])
