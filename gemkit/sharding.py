@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis sharding rules, multi-process start-up and shard_map.
+"""Device mesh, logical-axis sharding rules and multi-process start-up.
 
 The mesh has the axes ``(data, fsdp, sequence, tensor)``. Each axis has a
 per-slice size (ICI: the fast links inside one TPU slice or one GPU host;
@@ -22,7 +22,9 @@ Parameters and activations carry logical axis names (``models.layers.param``,
   embed    -> fsdp           parameters are fully sharded along d_model
   heads, kv_heads, mlp, vocab -> tensor   (Megatron-style tensor parallelism)
 
-A name with no rule (head_dim, ...) is replicated.
+A name with no rule (head_dim, ...) is replicated. Ops that may run a
+Pallas kernel run per shard inside the sharded model
+(``models.layers.shard_map_op``: rows and heads, no gather of their inputs).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import contextlib
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -265,51 +267,3 @@ def initialize_distributed(coordinator_address: str | None = None,
                         f"${ENV_COORDINATOR}/${ENV_NUM_PROCESSES}/${ENV_PROCESS_ID})")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
   return True
-
-
-# --- per-shard ops ---------------------------------------------------------------
-
-
-def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None] | None],
-                 out_names: Any, *, mesh: Mesh | None = None) -> Callable[..., Any]:
-  """``fn`` run on each device's block of its arguments, split by logical names.
-
-  For a kernel (a Pallas call) that must see whole arrays, this runs it
-  per shard under ``jax.shard_map`` instead of letting XLA gather its inputs:
-  argument ``i``'s dims are split over the mesh axes that ``RULES`` maps
-  ``in_names[i]`` to (e.g. ``("batch", None, "heads", None)`` for attention
-  inputs [B, T, H, D] splits B over (data, fsdp) and H over tensor), and the
-  outputs are reassembled by ``out_names`` (one tuple of names per output,
-  matching ``fn``'s output structure). A name of None (or no rule) keeps that
-  dim whole on every device.
-
-  ``fn`` must be independent along every split dim (rows of a batch, heads):
-  a per-shard call then equals the unsharded one. With no mesh given and none
-  active (``activate``), this is ``fn`` itself.
-
-  Raises:
-    ValueError: a split dim is not divisible by its number of shards.
-  """
-  in_specs = tuple(logical_spec(n) for n in in_names)
-  is_names = lambda x: x is None or (isinstance(x, tuple) and all(
-      n is None or isinstance(n, str) for n in x))
-  out_specs = jax.tree.map(logical_spec, out_names, is_leaf=is_names)
-
-  def wrapped(*args):
-    active = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-    if active is None or active.empty:
-      return fn(*args)
-    if len(args) != len(in_specs):
-      raise ValueError(f"in_names has {len(in_specs)} entries, got {len(args)} arguments")
-    for i, (x, spec) in enumerate(zip(args, in_specs)):
-      for dim, axes in enumerate(spec):
-        shards = math.prod(active.shape[a] for a in
-                           ((axes,) if isinstance(axes, str) else axes or ()))
-        if x.shape[dim] % shards:
-          raise ValueError(f"argument {i}: dim {dim} ({in_names[i][dim]}) has size "
-                           f"{x.shape[dim]}, not divisible by its {shards} shards "
-                           f"(mesh axes {axes})")
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)(*args)
-
-  return wrapped

@@ -10,6 +10,7 @@ variables, which are not ``nnx.Param``: optimizers never see them.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd
 
-from ops import quant
+from ops import common, quant
 
 Initializer = Callable[..., jax.Array]
 
@@ -29,15 +30,77 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], dtype,
                    out_sharding=tuple(names), eager_sharding=False)
 
 
-def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """``with_sharding_constraint`` by logical names, if a mesh and rules are set."""
+def _mesh_and_rules():
+  """The active abstract mesh and logical rules, or None when either is missing."""
   rules = spmd.get_logical_axis_rules()
   mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
-    return x
+  return None if not rules or mesh.empty else (mesh, rules)
+
+
+def _spec(names: Sequence[str | None] | None, rules) -> jax.sharding.PartitionSpec:
+  if names is None:
+    return jax.sharding.PartitionSpec()
   from flax import linen  # pylint: disable=g-import-not-at-top
-  spec = linen.logical_to_mesh_axes(tuple(names), rules)
-  return jax.lax.with_sharding_constraint(x, spec)
+  return linen.logical_to_mesh_axes(tuple(names), rules)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names, if a mesh and rules are set."""
+  active = _mesh_and_rules()
+  return x if active is None else jax.lax.with_sharding_constraint(x, _spec(names, active[1]))
+
+
+def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None] | None],
+                 out_names: Any) -> Callable[..., Any]:
+  """``fn`` run on each device's block of its arguments, split by logical names.
+
+  For an op that may run a Pallas kernel, which must see whole arrays: under
+  an active mesh and rules (``gemkit.sharding.activate``) argument ``i`` is
+  split over the mesh axes its logical ``in_names[i]`` map to (e.g.
+  ``("batch", None, "heads", None)`` for [B, T, H, D] splits B over data x fsdp
+  and H over tensor), ``fn`` runs per shard under ``jax.shard_map``, and its
+  outputs are reassembled by ``out_names`` (a tuple of names per output, in
+  ``fn``'s output structure). A name of None (or one without a rule) keeps
+  that dim whole. ``fn`` must be independent along every split dim (batch
+  rows, heads): per-shard calls then equal the unsharded one, and no input is
+  gathered.
+
+  Without a mesh, or when a split dim does not divide into its shards (a
+  decode batch of 1 on a data-parallel mesh), this is ``fn`` itself and the
+  SPMD partitioner places it.
+  """
+  def wrapped(*args):
+    active = _mesh_and_rules()
+    if active is None:
+      return fn(*args)
+    mesh, rules = active
+    if len(args) != len(in_names):
+      raise ValueError(f"in_names has {len(in_names)} entries, got {len(args)} arguments")
+    in_specs = tuple(_spec(n, rules) for n in in_names)
+    for x, spec in zip(args, in_specs):
+      for size, axes in zip(x.shape, spec):
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        if size % math.prod(mesh.shape[a] for a in axes):
+          return fn(*args)
+    is_names = lambda n: n is None or (isinstance(n, tuple) and all(
+        a is None or isinstance(a, str) for a in n))
+    out_specs = jax.tree.map(lambda n: _spec(n, rules), out_names, is_leaf=is_names)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+  return wrapped
+
+
+def mesh_axes(name: str | None) -> tuple[str, ...]:
+  """The mesh axes the active rules map logical axis ``name`` to (() without a mesh)."""
+  active = _mesh_and_rules()
+  axes = None if active is None or name is None else _spec((name,), active[1])[0]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def mesh_shards(name: str) -> int:
+  """How many shards the active mesh and rules split logical axis ``name`` into."""
+  active = _mesh_and_rules()
+  return 1 if active is None else math.prod(active[0].shape[a] for a in mesh_axes(name))
 
 
 class QuantizedKernel(nnx.Variable):
@@ -117,18 +180,40 @@ class Dense(nnx.Module):
 
   def quantized_weight(self) -> quant.QuantizedWeight:
     """The ``QuantizedWeight`` [in, out] of a quantized layer."""
+    return self._weight_of(*(self.quantized[f][...] for f in self.quantized))
+
+  def _weight_of(self, *arrays: jax.Array) -> quant.QuantizedWeight:
+    """A QuantizedWeight of this layer's layout from its arrays (or a block of
+    their output columns: the shape follows ``values``)."""
     fmt, shape, group_size, axis = self.quant_layout
-    arrays: dict[str, Any] = {f: self.quantized[f][...] for f in self.quantized}
-    return quant.QuantizedWeight(**arrays, fmt=fmt, shape=shape, group_size=group_size,
-                                 axis=axis)
+    fields = dict(zip(self.quantized, arrays))
+    return quant.QuantizedWeight(**fields, fmt=fmt, shape=(shape[0], fields["values"].shape[1]),
+                                 group_size=group_size, axis=axis)
+
+  def _quantized_matmul(self, x: jax.Array, *arrays: jax.Array) -> jax.Array:
+    return quant.quantized_matmul(x, self._weight_of(*arrays), act_fmt=self.act_fmt,
+                                  outlier_threshold=self.outlier_threshold, impl=self.impl)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.quantized is not None:
-      y = quant.quantized_matmul(x.astype(self.dtype), self.quantized_weight(),
-                                 act_fmt=self.act_fmt,
-                                 outlier_threshold=self.outlier_threshold, impl=self.impl)
+    x = x.astype(self.dtype)
+    if self.quantized is None:
+      y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     else:
-      y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+      arrays = tuple(self.quantized[f][...] for f in self.quantized)
+      matmul = self._quantized_matmul
+      if common.may_use_kernel(self.impl):
+        # Per shard: rows of x, and output columns where the weight is split
+        # by them over other mesh axes than the rows (not with double
+        # quantization, whose scale blocks run across columns); the kernel
+        # reads the packed weight, whole along K.
+        n_name = (self.quantized["values"].get_metadata().get("out_sharding") or (None,) * 2)[1]
+        if "scale_scales" in self.quantized or set(mesh_axes(n_name)) & set(mesh_axes("batch")):
+          n_name = None
+        w_names = [(None, n_name) if a.ndim == 2 and a.shape[1] == self.out_features
+                   else None for a in arrays]
+        rows = ("batch",) + (None,) * (x.ndim - 1)
+        matmul = shard_map_op(matmul, [rows] + w_names, rows[:-1] + (n_name,))
+      y = matmul(x, *arrays)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -50,6 +50,7 @@ from flax import nnx
 
 from models import layers
 from ops import attention as attention_ops
+from ops import common
 
 # pattern -> {config key: smallest value the pattern needs}
 PATTERN_KEYS = {"dense": {}, "sliding": {"window": 1}, "s2": {"s2_group": 2},
@@ -156,6 +157,30 @@ def _gather_keys(cache: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(cache, index[:, :, None, None], axis=1)
 
 
+def _per_shard(op, q, k, v, rows: jax.Array | None, *, split_heads: bool = True,
+               single_query: bool = False) -> jax.Array:
+  """``op(q, k, v, rows)`` per (batch, head) shard of the active mesh
+  (``layers.shard_map_op``): a Pallas kernel sees whole sequences of its
+  rows and heads, and no input is gathered. q [B, T, Hq, D] (T = 1 and
+  passed to ``op`` as [B, Hq, D] when ``single_query``), k/v [B, S, Hkv, D],
+  ``rows`` [B, ...] per-row data (segment ids, lengths) or None. When the
+  tensor axis does not divide Hkv (a GQA group would span shards) each query
+  head gets its own copy of its kv head."""
+  heads = "heads" if split_heads else None
+  if split_heads and k.shape[2] % layers.mesh_shards("kv_heads"):
+    k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+  q_names, kv_names = ("batch", None, heads, None), ("batch", None, heads and "kv_heads", None)
+
+  def fn(q, k, v, *rows_shard):
+    r = rows_shard[0] if rows_shard else None
+    return op(q[:, 0], k, v, r)[:, None] if single_query else op(q, k, v, r)
+
+  args, names = (q, k, v), (q_names, kv_names, kv_names)
+  if rows is not None:
+    args, names = args + (rows,), names + (("batch",) + (None,) * (rows.ndim - 1),)
+  return layers.shard_map_op(fn, names, q_names)(*args)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with grouped-query K/V heads, RoPE and the config's pattern."""
 
@@ -187,20 +212,25 @@ class Attention(nnx.Module):
     """The pattern's causal attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] at
     positions 0..T-1 of the row; ``segment_ids`` [B, T] or None (one segment)."""
     cfg = self.cfg
-    sizes = dict(block_q=cfg.block_size, block_kv=cfg.block_size, impl=cfg.attention_impl)
-    if cfg.attention == "topk":
-      return attention_ops.topk_block_attention(
-          q, k, v, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
-          sink_blocks=cfg.sink_blocks, segment_ids=segment_ids, impl=cfg.attention_impl)
     mask = pattern_mask(cfg, train)
-    if mask is not None:
-      return attention_ops.block_sparse_attention(q, k, v, mask, segment_ids=segment_ids,
-                                                  **sizes)
-    if segment_ids is None:
+    if cfg.attention == "topk":
+      op = lambda q, k, v, seg: attention_ops.topk_block_attention(
+          q, k, v, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
+          sink_blocks=cfg.sink_blocks, segment_ids=seg, impl=cfg.attention_impl)
+    elif mask is not None:
+      op = lambda q, k, v, seg: attention_ops.block_sparse_attention(
+          q, k, v, mask, segment_ids=seg, block_q=cfg.block_size, block_kv=cfg.block_size,
+          impl=cfg.attention_impl)
+    elif segment_ids is None:
       return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-    idx = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=attention_mask(idx, idx, segment_ids, segment_ids))
+    else:
+      idx = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
+      return jax.nn.dot_product_attention(
+          q, k, v, mask=attention_mask(idx, idx, segment_ids, segment_ids))
+    if not common.may_use_kernel(cfg.attention_impl):
+      return op(q, k, v, segment_ids)
+    # S2 shifts half of all heads: a shard of heads cannot know which are its.
+    return _per_shard(op, q, k, v, segment_ids, split_heads=cfg.attention != "s2")
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
                train: bool = False) -> jax.Array:
@@ -267,7 +297,10 @@ class Attention(nnx.Module):
       kc, vc = _gather_keys(kc, index), _gather_keys(vc, index)
       # The valid entries (index < lengths) are a prefix: sinks, then the window.
       lengths = jnp.minimum(lengths, n) + jnp.clip(lengths - start, 0, w)
-    return attention_ops.decode_attention(q, kc, vc, lengths, **kw)
+    op = lambda q, kc, vc, lengths: attention_ops.decode_attention(q, kc, vc, lengths, **kw)
+    if not common.may_use_kernel(cfg.attention_impl):
+      return op(q, kc, vc, lengths)
+    return _per_shard(op, q[:, None], kc, vc, lengths, single_query=True)[:, 0]
 
 
 class Block(nnx.Module):

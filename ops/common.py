@@ -47,6 +47,18 @@ def select_impl(impl: str, *, op: str, supported: Callable[[str], bool],
   return kernel if faster is not None and faster() else "xla"
 
 
+def may_use_kernel(impl: str) -> bool:
+  """Whether ``impl`` can resolve to a Pallas kernel on this backend (then a
+  sharded model runs the op per shard, ``models.layers.shard_map_op``).
+
+  True for an explicit ``"pallas_tpu"``/``"pallas_gpu"`` and for ``"auto"`` on
+  TPU and GPU; ``"auto"`` on CPU and ``"xla"`` are XLA, which the SPMD
+  partitioner shards by itself.
+  """
+  return impl in _KERNEL_OF_BACKEND.values() or (
+      impl == "auto" and jax.default_backend() in _KERNEL_OF_BACKEND)
+
+
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
