@@ -26,7 +26,7 @@ import hashlib
 import json
 import pathlib
 import sysconfig
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
@@ -96,27 +96,40 @@ def text_documents(paths: Sequence[str]) -> list[Document]:
   return docs
 
 
+def jsonl_records(path: str | pathlib.Path, key: str = "data.path",
+                  error: Callable[[str, str], Exception] | None = None
+                  ) -> Iterator[tuple[str, Any]]:
+  """(``file:line``, record) of every non-blank line of a JSONL file.
+
+  A missing file is a ConfigError for config key ``key``; a line that is not
+  UTF-8 JSON raises ``error(where, message)`` (default: a ConfigError for
+  ``key`` whose message starts with ``file:line``).
+  """
+  error = error or (lambda where, message: ConfigError(key, f"{where}: {message}"))
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(key, f"no such file: {str(path)!r}")
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if not raw.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        yield where, json.loads(raw.decode("utf-8"))
+      except UnicodeDecodeError:
+        raise error(where, "line is not valid UTF-8") from None
+      except json.JSONDecodeError as e:
+        raise error(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
+
+
 def jsonl_documents(paths: Sequence[str], field: str = "text") -> list[Document]:
   """One document per JSONL line ``{field: str}``; errors name file and line."""
   docs = []
   for p in paths:
-    path = pathlib.Path(p)
-    if not path.is_file():
-      raise ConfigError("data.path", f"no such file: {p!r}")
-    with open(path, "rb") as f:
-      for lineno, raw in enumerate(f, 1):
-        if not raw.strip():
-          continue
-        where = f"{path}:{lineno}"
-        try:
-          record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-          raise ConfigError("data.path", f"{where}: line is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-          raise ConfigError("data.path", f"{where}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get(field), str):
-          raise ConfigError("data.jsonl_field", f"{where}: needs a string field {field!r}")
-        docs.append(Document(where, record[field].encode("utf-8")))
+    for where, record in jsonl_records(p):
+      if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise ConfigError("data.jsonl_field", f"{where}: needs a string field {field!r}")
+      docs.append(Document(where, record[field].encode("utf-8")))
   return docs
 
 

@@ -38,12 +38,12 @@ generation) as functions; ``gemkit.evaluate`` supplies them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Callable, Sequence
 
 import numpy as np
 
+from gemkit import data
 from gemkit.config import ConfigError
 
 TYPES = ("loglikelihood", "multiple_choice", "generate_until")
@@ -116,27 +116,15 @@ def _check_record(record, where: str) -> None:
 def load(path: str | pathlib.Path) -> TaskFile:
   """Reads and validates a task file; errors are :class:`TaskFileError` naming file:line."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    raise ConfigError("tasks", f"no task file at {str(path)!r}")
-  records, kind, first = [], None, 0
-  with open(path, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      where = f"{path}:{lineno}"
-      try:
-        record = json.loads(raw.decode("utf-8"))
-      except UnicodeDecodeError:
-        raise TaskFileError(where, "line is not valid UTF-8") from None
-      except json.JSONDecodeError as e:
-        raise TaskFileError(where, f"invalid JSON ({e.msg} at column {e.colno})") from None
-      _check_record(record, where)
-      if kind is None:
-        kind, first = record["type"], lineno
-      elif record["type"] != kind:
-        raise TaskFileError(where, f"type {record['type']!r} differs from the file's "
-                            f"type {kind!r} (line {first})")
-      records.append(record)
+  records, kind, first = [], None, ""
+  for where, record in data.jsonl_records(path, "tasks", TaskFileError):
+    _check_record(record, where)
+    if kind is None:
+      kind, first = record["type"], where
+    elif record["type"] != kind:
+      raise TaskFileError(where, f"type {record['type']!r} differs from the file's "
+                          f"type {kind!r} (line {first.rsplit(':', 1)[1]})")
+    records.append(record)
   if not records:
     raise TaskFileError(f"{path}:1", "the task file has no records")
   return TaskFile(path.stem, str(path), kind, tuple(records))
