@@ -36,6 +36,7 @@ import argparse
 import functools
 import json
 import os
+import pickle
 import platform
 import re
 import statistics
@@ -88,18 +89,16 @@ def evaluate(model, graphdef, params, frozen, stream, length: int, n: int, p, se
           "digit_acc": float(np.mean(digit)), "acc_by_depth_quarter": quarters}
 
 
-def kv_fraction(m, length: int) -> str:
-  """Share of the causal (query block, kv block) pairs a pattern visits at ``length``."""
+def kv_blocks(m, length: int) -> str:
+  """kv blocks the last query block of a ``length`` context visits, of all."""
   nb = -(-length // m.block_size)
-  causal = nb * (nb + 1) / 2
   if m.attention == "topk":
-    kept = sum(min(qb + 1, m.top_k + m.local_blocks + m.sink_blocks) for qb in range(nb))
+    kept = min(nb, m.top_k + m.local_blocks + m.sink_blocks)
   elif m.attention == "sliding":
-    w = -(-m.window // m.block_size) + 1
-    kept = sum(min(qb + 1, w) for qb in range(nb))
+    kept = min(nb, -(-m.window // m.block_size) + 1)
   else:
-    kept = causal
-  return f"{kept / causal:.2f}"
+    kept = nb
+  return f"{kept}/{nb}"
 
 
 def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
@@ -159,10 +158,10 @@ def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
       cfg, corpus, log, pattern, params, steps=cfg.train.steps,
       seq_len=cfg.data.seq_len, batch_size=cfg.train.batch_size)
   model = train_lib.merge_model(graphdef, params, frozen)
-  row = {"pattern": pattern, **stats, "kv_fraction": kv_fraction(cfg.model, cfg.data.seq_len),
-         "eval": {}}
+  lens = [int(x) for x in p.eval_lens.split(",")]
+  row = {"pattern": pattern, **stats, "kv_blocks": kv_blocks(cfg.model, lens[-1]), "eval": {}}
   start = time.perf_counter()
-  for length in [int(x) for x in p.eval_lens.split(",")]:
+  for length in lens:
     row["eval"][length] = evaluate(model, graphdef, params, frozen, corpus.heldout, length,
                                    p.eval_examples, p, cfg.seed + 1, p.eval_batch)
     log(f"  {pattern} acc@{length} {row['eval'][length]['acc']:.2f}")
@@ -182,6 +181,10 @@ def main(argv=None):
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set train.steps=50 (repeatable)")
   parser.add_argument("--out", default=None)
+  parser.add_argument("--stage1", default=None, metavar="PATH",
+                      help="pickle of the shared stage's weights and stats: loaded if it "
+                      "exists (for the same model, seed and passkey.pretrain_* keys), else "
+                      "written after training it")
   args = parser.parse_args(argv)
   try:
     config = config_lib.load(args.config, **dict(s.split("=", 1) for s in args.set))
@@ -194,7 +197,19 @@ def main(argv=None):
       f"{config.train.batch_size} x {config.data.seq_len} bytes per pattern")
   corpus = data_lib.Corpus.from_config(config.data)
   p, params, pretrain = config.passkey, None, None
-  if p.pretrain_steps:
+  stage1_key = json.dumps([config.seed, config.model.to_dict(), config.data.to_dict(),
+                           {k: v for k, v in p.items() if k.startswith("pretrain_")
+                            or k in ("digits", "distinct_digits", "min_len", "lm_weight",
+                                     "train_questions", "answer_weight")}],
+                          sort_keys=True, default=str)
+  if args.stage1 and os.path.exists(args.stage1):
+    with open(args.stage1, "rb") as f:
+      saved = pickle.load(f)
+    if saved["key"] != stage1_key:
+      parser.error(f"--stage1 {args.stage1} was trained with another config")
+    params, pretrain = saved["params"], saved["stats"]
+    log(f"# stage 1 loaded from {args.stage1} ({pretrain['train_s']:.0f} s when trained)")
+  elif p.pretrain_steps:
     cfg = config.copy_and_resolve_references()
     cfg.model.attention = "dense"
     _, params, _, pretrain = train(cfg, corpus, log, "pretrain (dense)",
@@ -203,6 +218,9 @@ def main(argv=None):
                                    probe_every=p.probe_every)
     log(f"# pretraining: {p.pretrain_steps} steps x {p.pretrain_batch} x {p.pretrain_len} "
         f"bytes, {pretrain['step_ms']:.0f} ms/step, {pretrain['train_s']:.0f} s")
+    if args.stage1:
+      with open(args.stage1, "wb") as f:
+        pickle.dump({"key": stage1_key, "params": jax.device_get(params), "stats": pretrain}, f)
   rows = [run_pattern(config, pattern, corpus, log, params)
           for pattern in p.patterns.split(",")]
   lens = list(rows[0]["eval"])
@@ -211,7 +229,7 @@ def main(argv=None):
           + "  acc@" + str(lens[-1]) + " by depth quarter")
   log(head)
   for r in rows:
-    log(f"{r['pattern']:<8} {r['kv_fraction']:>9} {r['step_ms']:>8.0f} {r['final_loss']:>6.3f} "
+    log(f"{r['pattern']:<8} {r['kv_blocks']:>9} {r['step_ms']:>8.0f} {r['final_loss']:>6.3f} "
         + " ".join(f"{r['eval'][n]['acc']:>9.2f} {r['eval'][n]['gen']:>9.2f}" for n in lens)
         + "  " + " ".join(f"{a:.2f}" for a in r["eval"][lens[-1]]["acc_by_depth_quarter"]))
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",

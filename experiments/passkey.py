@@ -61,15 +61,15 @@ def get_config() -> ml_collections.ConfigDict:
   m.head_dim = 32
   m.mlp_dim = 384
   m.attention = "dense"             # set per pattern by benchmarks/passkey.py
-  m.window = 512
+  m.window = 896
   m.block_size = 64
   m.top_k = 12
   m.local_blocks = 1
   m.sink_blocks = 1
 
   c.data.seq_len = 2048             # stage 2 training context (bytes)
-  c.train.steps = 60                # stage 2 steps per pattern
-  c.train.batch_size = 2
+  c.train.steps = 30                # stage 2 steps per pattern
+  c.train.batch_size = 1
   c.train.lr = 1e-3
   c.train.warmup_steps = 5
   c.train.log_every = 10
@@ -80,15 +80,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.passkey.distinct_digits = True  # keys of 5 different digits
   c.passkey.min_len = 0             # > 0: rows packed with documents of min_len..len bytes
   c.passkey.lm_weight = 1.0         # loss weight of the haystack bytes
-  c.passkey.train_questions = 3     # extra question-answer pairs after the needle (training)
+  c.passkey.train_questions = 1     # extra question-answer pairs after the needle (training)
   c.passkey.answer_weight = 50.0    # loss weight of each key byte after a question
-  c.passkey.pretrain_steps = 900    # stage 1 (shared, dense) steps (0: none)
+  c.passkey.pretrain_steps = 500    # stage 1 (shared, dense) steps (0: none)
   c.passkey.pretrain_len = 256
-  c.passkey.pretrain_batch = 16
+  c.passkey.pretrain_batch = 8
   c.passkey.pretrain_lr = 3e-3
   c.passkey.probe_every = 100       # stage 1: held-out accuracy at pretrain_len every N steps
-  c.passkey.eval_lens = "1024,4096"  # held-out context lengths (bytes)
-  c.passkey.eval_examples = 48      # per length, depths spread evenly over [0, 1]
+  c.passkey.eval_lens = "2048,4096"  # held-out context lengths (bytes)
+  c.passkey.eval_examples = 24      # per length, depths spread evenly over [0, 1]
   c.passkey.eval_batch = 4
   return c
 
