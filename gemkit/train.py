@@ -1,9 +1,10 @@
 """Training: the jitted train step, evaluation and a resumable Trainer.
 
 The train state is a plain pytree (params as a pure dict, optax state, step,
-RNG key data), sharded over the mesh by the parameters' logical names and
-donated to the step. A step takes a global batch [B, T], splits it into
-``grad_accum`` micro-batches (``lax.scan``), and applies one AdamW update with
+RNG key data), sharded over the mesh by the parameters' logical names; the
+step donates all of it but the frozen part (which it only reads). A step
+takes a global batch [B, T], splits it into ``grad_accum`` micro-batches
+(``lax.scan``), and applies one AdamW update with
 the token-weighted mean gradient
 
     g = sum_m grad(sum_t mask * nll) / sum_m sum_t mask
@@ -200,8 +201,10 @@ class Trainer:
       default ``models.build(config.model)`` initialized from ``config.seed``.
       With a model_fn the frozen part is rebuilt by it at every start, so
       checkpoints hold only the trainable part and the optimizer state. The
-      Trainer owns the returned model's arrays (the step donates them):
-      return a fresh model, not one still used elsewhere.
+      Trainer copies the trainable arrays once and only reads the frozen
+      ones (they are not donated), so the returned model, and a base whose
+      arrays it shares, stay usable and unchanged; ``model()`` is the
+      trained one.
     trainable: nnx filter of the variables the optimizer trains (e.g.
       ``nnx.LoRAParam``); everything else is frozen (``TrainState.frozen``).
     data: the train and eval data instead of ``config.data``'s corpus: an
@@ -298,9 +301,11 @@ class Trainer:
     if built is None:
       return lambda: jax.jit(functools.partial(init, cfg.seed),
                              out_shardings=self.state_sharding)(None)
-    # The frozen part stays the model_fn's arrays (no copy); checkpoints leave it out.
+    # The frozen part stays the model_fn's arrays (no copy: the step only reads it);
+    # checkpoints leave it out. The trained part is copied once (the step donates it).
     self._frozen = jax.device_put(built[1], frozen_sh)
-    init_trained = jax.jit(lambda params: init(cfg.seed, (params, None)),
+    copied = lambda params: (jax.tree.map(jnp.copy, params), None)
+    init_trained = jax.jit(lambda params: init(cfg.seed, copied(params)),
                            out_shardings=self.state_sharding.replace(frozen=None))
     return lambda: init_trained(built[0]).replace(frozen=self._frozen)
 
@@ -311,9 +316,23 @@ class Trainer:
                              deterministic=self.deterministic)
     batch_sh = sharding_lib.batch_sharding(self.mesh)
     replicated = sharding_lib.logical_sharding(self.mesh, None)  # scalars every process reads
-    self._train_step = jax.jit(step, donate_argnums=0,
-                               in_shardings=(self.state_sharding, batch_sh),
-                               out_shardings=(self.state_sharding, replicated))
+    # The step donates the trained part of the state; the frozen part (a model_fn's base,
+    # which callers may still hold) is a separate argument, read and never donated.
+    trained_sh = self.state_sharding.replace(frozen=None)
+
+    def split_step(trained, frozen, batch):
+      new, metrics = step(trained.replace(frozen=frozen), batch)
+      return new.replace(frozen=None), metrics
+
+    self._jit_step = jax.jit(split_step, donate_argnums=0,
+                             in_shardings=(trained_sh, self.state_sharding.frozen, batch_sh),
+                             out_shardings=(trained_sh, replicated))
+
+    def train_step_fn(state: TrainState, batch: dict):
+      new, metrics = self._jit_step(state.replace(frozen=None), state.frozen, batch)
+      return new.replace(frozen=state.frozen), metrics
+
+    self._train_step = train_step_fn
     self._eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef),
                               in_shardings=(self.state_sharding.params,
                                             self.state_sharding.frozen, batch_sh),
@@ -405,7 +424,8 @@ class Trainer:
              for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32),
                               ("segment_ids", jnp.int32), ("loss_mask", jnp.float32))}
     with sharding_lib.activate(self.mesh):
-      stats = self._train_step.lower(self.abstract_state, batch).compile().memory_analysis()
+      stats = self._jit_step.lower(self.abstract_state.replace(frozen=None),
+                                   self.abstract_state.frozen, batch).compile().memory_analysis()
     keys = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
             "temp_size_in_bytes", "peak_memory_in_bytes")
     return {k: int(getattr(stats, k)) for k in keys if stats is not None and hasattr(stats, k)}

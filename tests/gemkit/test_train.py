@@ -12,7 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemkit import optim, train
+from flax import nnx
+
+import models
+from gemkit import lora, optim, train
 from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -64,6 +67,27 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   np.testing.assert_allclose(a.metrics["loss"], b.metrics["loss"], rtol=1e-6)
   chex.assert_trees_all_close(_params(a), _params(b), rtol=1e-5, atol=1e-6)
   a.close(), b.close()
+
+
+@pytest.mark.parametrize("adapted", [False, True])
+def test_model_fn_arrays_survive_training(tmp_path, adapted):
+  """Regression: the step donated TrainState.frozen, deleting the caller's base arrays."""
+  cfg = tiny_config(tmp_path, **{"train.steps": 2})
+  base = models.build(cfg.model, rngs=nnx.Rngs(0))
+  logits = nnx.jit(lambda m, t: m(t))
+  tokens = jnp.arange(48, dtype=jnp.int32).reshape(2, 24)
+  expected = np.asarray(logits(base, tokens))
+  before = jax.device_get(nnx.to_pure_dict(nnx.state(base)))
+  model = (lora.apply_lora(nnx.clone(base), lora.LoRARule(rank=2)) if adapted
+           else nnx.clone(base))                     # shares every array with base
+  trainable = lora.trainable() if adapted else nnx.Param
+  t = train.Trainer(cfg, tmp_path / "run", model_fn=lambda: model, trainable=trainable)
+  t.run()
+  t.close()
+  chex.assert_trees_all_equal(jax.device_get(nnx.to_pure_dict(nnx.state(base))), before)
+  np.testing.assert_array_equal(logits(base, tokens), expected)       # base still usable
+  np.testing.assert_array_equal(logits(model, tokens), expected)      # model_fn's model too
+  assert not np.array_equal(logits(t.model(), tokens), expected)      # the trained one moved
 
 
 @pytest.mark.parametrize("decay,expected_end", [("linear", 0.1), ("cosine", 0.1),
