@@ -37,6 +37,7 @@ from gemkit import optim
 from gemkit import synthetic
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
+from models import linear_rnn
 
 
 def task(modulus: int, length: int) -> synthetic.Counting:
@@ -44,23 +45,28 @@ def task(modulus: int, length: int) -> synthetic.Counting:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """ConfigError for a state-tracking config that cannot work."""
+  """ConfigError, naming the key, for a state-tracking config that cannot work."""
   t = config.task
   if not t.moduli or any(not 2 <= k <= 10 for k in t.moduli):
     raise ConfigError("task.moduli", f"must be moduli in [2, 10], got {t.moduli}")
-  if t.train_length < 1 or any(n < 1 for n in t.test_lengths):
-    raise ConfigError("task", f"lengths must be >= 1, got train {t.train_length}, "
-                      f"test {t.test_lengths}")
+  if t.train_length < 1:
+    raise ConfigError("task.train_length", f"must be >= 1, got {t.train_length}")
+  if any(n < 1 for n in t.test_lengths):
+    raise ConfigError("task.test_lengths", f"must be lengths >= 1, got {t.test_lengths}")
   if t.eval_examples < 1:
     raise ConfigError("task.eval_examples", f"must be >= 1, got {t.eval_examples}")
-  for key in ("steps", "batch_size"):
+  for key, allowed in (("mixers", linear_rnn.MIXERS),
+                       ("eigenvalue_ranges", linear_rnn.EIGENVALUE_RANGES)):
+    if not t[key] or any(v not in allowed for v in t[key]):
+      raise ConfigError(f"task.{key}", f"must be a non-empty tuple of {allowed}, got {t[key]}")
+  for key in ("steps", "batch_size", "log_every"):
     if config.train[key] < 1:
       raise ConfigError(f"train.{key}", f"must be >= 1, got {config.train[key]}")
   for mixer, rng in cells(config):
     try:
       models.family_config(model_config(config, mixer, rng))
     except ValueError as e:
-      raise ConfigError("model", f"{mixer} {rng}: {e}") from None
+      raise ConfigError("model", f"(mixer {mixer!r}, eigenvalue_range {rng!r}): {e}") from None
 
 
 def cells(config: ml_collections.ConfigDict) -> list[tuple[str, str]]:

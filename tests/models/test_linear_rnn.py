@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from gemkit import config as config_lib
-from gemkit import state_tracking, train
+from gemkit import runs
 from models import linear_rnn
 from tests.helpers import write_corpus
 from tests.numerics import assert_rel_close
@@ -103,34 +103,18 @@ def test_eigenvalue_range_maps_a_to_2a_minus_1_and_beta_to_2_beta():
 
 @pytest.mark.parametrize("experiment", [pytest.param("gla_tiny", marks=pytest.mark.slow),
                                         "deltanet_tiny"])
-def test_experiment_trains_through_the_trainer(tmp_path, experiment):
+def test_experiment_trains_through_runs_train(tmp_path, experiment):
   cfg = config_lib.load(f"experiments/{experiment}.py", **{
       "model.num_layers": 2, "model.d_model": 32, "model.num_heads": 2,
       "model.head_dim": 16, "model.mlp_dim": 64, "model.chunk_size": 16,
       "data.source": "text", "data.path": write_corpus(tmp_path, 8),
       "data.heldout_fraction": 0.25, "data.seq_len": 16, "data.eval_windows": 2,
       "data.prefetch": 1, "train.batch_size": 2, "train.steps": 2, "train.warmup_steps": 1,
-      "train.log_every": 1, "train.checkpoint_every": 100, "train.async_checkpoint": False})
-  trainer = train.Trainer(cfg, tmp_path / "run")
-  try:
-    logs = trainer.run()
-  finally:
-    trainer.close()
-  losses = [r["loss"] for r in logs if r["split"] == "train"]
-  assert len(losses) == 2 and all(np.isfinite(losses))
-
-
-def test_state_tracking_cell_trains_and_scores():
-  cfg = config_lib.load_file("experiments/state_tracking.py")
-  cfg.train.steps, cfg.train.log_every = 2, 1
-  cfg.task.train_length, cfg.task.test_lengths, cfg.task.eval_examples = 8, (16,), 4
-  cfg.model.num_layers, cfg.model.d_model, cfg.model.mlp_dim = 1, 16, 16
-  state_tracking.validate(cfg)
-  row = state_tracking.train_cell(cfg, 3, "deltanet", "[-1,1]", log=lambda _: None)
-  assert row["task"] == "mod3" and np.isfinite(row["final_loss"])
-  assert set(row["accuracy"]) == {"8", "16"}
-  assert all(0.0 <= v <= 1.0 for v in row["accuracy"].values())
-  assert "| mod3 | deltanet | [-1,1] |" in state_tracking.table([row], cfg)
+      "train.log_every": 1, "train.checkpoint_every": 100, "train.async_checkpoint": False,
+      "train.sample_tokens": 4})
+  summary = runs.train(cfg, str(tmp_path / "run"))   # what launch.train runs
+  assert summary["step"] == 2 and np.isfinite(summary["final_train_loss"])
+  assert np.isfinite(summary["heldout_loss"]) and isinstance(summary["sample"], str)
 
 
 def test_bad_config_names_the_key():
@@ -139,7 +123,3 @@ def test_bad_config_names_the_key():
     config_lib.load("experiments/gla_tiny.py", **{"model.eigenvalue_range": "[-1,1]"})
   with pytest.raises(config_lib.ConfigError, match="model: mixer must be one of"):
     config_lib.load("experiments/deltanet_tiny.py", **{"model.mixer": "lstm"})
-  with pytest.raises(config_lib.ConfigError, match="task.moduli"):
-    cfg = config_lib.load_file("experiments/state_tracking.py")
-    cfg.task.moduli = (1,)
-    state_tracking.validate(cfg)
