@@ -55,11 +55,11 @@ import numpy as np
 from flax import nnx
 
 from gemkit import data as data_lib
+from gemkit import runs
 from gemkit import sample as sample_lib
 from gemkit import synthetic
 from gemkit import tasks as tasks_lib
 from gemkit.config import REPO_ROOT, ConfigError
-from gemkit.runs import resolve_checkpoint
 
 LN2 = math.log(2.0)
 HELDOUT_TASKS = {"heldout_bpb": "disjoint", "heldout_bpb_sliding": "sliding"}
@@ -525,22 +525,7 @@ class Loaded:
 
 def load_checkpoint(path: str, step: int | None = None) -> Loaded:
   """The model of a checkpoint (any family, via ``gemkit.runs.load``) and its metadata."""
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gemkit import runs  # pylint: disable=g-import-not-at-top
-  workdir, at = resolve_checkpoint(path)
-  step = step if step is not None else at
-  directory = workdir / "checkpoints"
-  if not directory.is_dir():
-    raise ConfigError("checkpoint", f"no checkpoints under {workdir}")
-  ck = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
-    step = ck.latest_step() if step is None else step
-    if step is None or step not in ck.manager.all_steps():
-      raise ConfigError("checkpoint", f"no complete checkpoint {'' if step is None else step} "
-                        f"under {directory}")
-    meta = ck.meta(step)
-  finally:
-    ck.close()
+  workdir, step, meta = runs.checkpoint_meta(path, step)
   model, config = runs.load(workdir, step)
   return Loaded(model, config, workdir, step, meta)
 

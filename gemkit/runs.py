@@ -73,6 +73,32 @@ def resolve_checkpoint(path: str | pathlib.Path) -> tuple[pathlib.Path, int | No
   return p, None
 
 
+def checkpoint_meta(path: str | pathlib.Path, step: int | None = None
+                    ) -> tuple[pathlib.Path, int, dict]:
+  """(run directory, step, recorded metadata) of a complete checkpoint.
+
+  ``path`` as :func:`load`; ``step`` None: the one ``path`` names, else the
+  latest. A ConfigError (key ``workdir``) when there is no such checkpoint.
+  """
+  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from gemkit.config import ConfigError  # pylint: disable=g-import-not-at-top
+
+  workdir, at = resolve_checkpoint(path)
+  step = at if step is None else step
+  directory = workdir / "checkpoints"
+  if not directory.is_dir():
+    raise ConfigError("workdir", f"no checkpoints under {workdir}")
+  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
+  try:
+    step = checkpointer.latest_step() if step is None else step
+    if step is None or step not in checkpointer.manager.all_steps():
+      at_step = "" if step is None else f" {step}"
+      raise ConfigError("workdir", f"no complete checkpoint{at_step} under {directory}")
+    return workdir, step, checkpointer.meta(step)
+  finally:
+    checkpointer.close()
+
+
 def load(path: str | pathlib.Path, step: int | None = None):
   """(model, config) from a run directory's checkpoint (latest step by default).
 
@@ -92,37 +118,25 @@ def load(path: str | pathlib.Path, step: int | None = None):
 
   import models  # pylint: disable=g-import-not-at-top
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gemkit.config import ConfigError  # pylint: disable=g-import-not-at-top
 
-  workdir, at = resolve_checkpoint(path)
-  step = at if step is None else step
-  directory = workdir / "checkpoints"
-  if not directory.is_dir():
-    raise ConfigError("workdir", f"no checkpoints under {workdir}")
-  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
+  workdir, step, meta = checkpoint_meta(path, step)
+  config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
+  if "finetune" in meta:
+    from gemkit import finetune  # pylint: disable=g-import-not-at-top
+    return finetune.load_run(workdir, step, meta), config
+  model_cfg = mlc.ConfigDict(meta["model"])
+  quantization = meta.get("quantization")
+
+  def build():
+    model = models.build(model_cfg, rngs=nnx.Rngs(0))
+    if quantization:
+      from gemkit import quantize  # pylint: disable=g-import-not-at-top
+      model, _ = quantize.quantize_model(model, quantization["rules"])
+    return model
+
+  graphdef, _, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   try:
-    step = checkpointer.latest_step() if step is None else step
-    if step is None or step not in checkpointer.manager.all_steps():
-      at_step = "" if step is None else f" {step}"
-      raise ConfigError("workdir", f"no complete checkpoint{at_step} under {directory}")
-    meta = checkpointer.meta(step)
-    config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
-    if "finetune" in meta:
-      from gemkit import finetune  # pylint: disable=g-import-not-at-top
-      checkpointer.close()
-      return finetune.load_run(workdir, step, meta), config
-    model_cfg = mlc.ConfigDict(meta["model"])
-    quantization = meta.get("quantization")
-
-    def build():
-      model = models.build(model_cfg, rngs=nnx.Rngs(0))
-      if quantization:
-        from gemkit import quantize  # pylint: disable=g-import-not-at-top
-        model, _ = quantize.quantize_model(model, quantization["rules"])
-      return model
-
-    abstract = nnx.eval_shape(build)
-    graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
     saved = checkpointer.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   finally:

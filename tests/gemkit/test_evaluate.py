@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import models
-from gemkit import data, evaluate, sample, synthetic, tasks
+from gemkit import data, evaluate, runs, sample, synthetic, tasks
 from gemkit import config as config_lib
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
@@ -202,9 +202,9 @@ def run_dir(tmp_path_factory):
 
 
 def test_checkpoint_paths_resolve():
-  assert evaluate.resolve_checkpoint("r/x") == (pathlib.Path("r/x"), None)
-  assert evaluate.resolve_checkpoint("r/x/checkpoints") == (pathlib.Path("r/x"), None)
-  assert evaluate.resolve_checkpoint("r/x/checkpoints/40") == (pathlib.Path("r/x"), 40)
+  assert runs.resolve_checkpoint("r/x") == (pathlib.Path("r/x"), None)
+  assert runs.resolve_checkpoint("r/x/checkpoints") == (pathlib.Path("r/x"), None)
+  assert runs.resolve_checkpoint("r/x/checkpoints/40") == (pathlib.Path("r/x"), 40)
 
 
 def test_launcher_writes_report_table_and_plots(run_dir, tmp_path):
