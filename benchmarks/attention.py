@@ -31,33 +31,17 @@ Example (see benchmarks/README.md for recorded numbers):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from ops import attention  # noqa: E402  pylint: disable=g-import-not-at-top
 
-KERNEL_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 CPU_SECTIONS = ("window", "scaling")
-
-
-def _time_ms(fn, *args, iters: int) -> tuple[float, float]:
-  """(median, min) ms over ``iters`` calls after a compile-and-warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times), min(times)
 
 
 def _inputs(args, t, d, dtype):
@@ -96,7 +80,7 @@ def _compare(section, t, fns, inputs, args, rows, with_backward=True):
     for name, fn in fns.items():
       if fn is None:
         continue
-      med, low = _time_ms(_variants(fn, with_backward)[kind], *inputs, iters=args.iters)
+      med, low = common.time_ms(_variants(fn, with_backward)[kind], *inputs, iters=args.iters)
       base = med if base is None else base
       row = dict(section=section, t=t, window=args.window, impl=name, pass_=kind,
                  ms_median=med, ms_min=low, ms_per_1k_tokens=med / (t / 1024),
@@ -125,10 +109,10 @@ def section_scaling(args, rows):
 
 def section_accel(args, rows):
   backend = jax.default_backend()
-  if backend not in KERNEL_IMPL:
+  if backend not in common.KERNEL_IMPL:
     print(f"# accel: skipped on {backend} (kernels would run in interpret mode)")
     return
-  kernel = KERNEL_IMPL[backend]
+  kernel = common.KERNEL_IMPL[backend]
   d = args.head_dim or 128
   inputs = _inputs(args, args.accel_t, d, jnp.bfloat16)
   window = attention.CausalMask() & attention.LocalMask(args.window)
@@ -149,13 +133,6 @@ def _print_row(row):
   print(f"{row['section']:<13} {row['t']:>6} {row['window']:>6}  {row['impl']:<22} "
         f"{row['pass_']:<8} {row['ms_median']:>10.1f} {row['ms_min']:>10.1f} "
         f"{row['ms_per_1k_tokens']:>10.2f} {row['vs_dense']:>8.2f}x", flush=True)
-
-
-def _machine() -> str:
-  """e.g. "cpu-2core-x86_64" or "nvidia-h100-80gb-hbm3"."""
-  if jax.default_backend() == "cpu":
-    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
-  return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
 
 
 def main(argv=None):
@@ -181,7 +158,7 @@ def main(argv=None):
     if s not in SECTIONS:
       parser.error(f"unknown section {s!r}; choose from {sorted(SECTIONS)}")
 
-  machine = _machine()
+  machine = common.machine()
   print(f"# {machine} ({jax.default_backend()}), jax {jax.__version__}, "
         f"B=1 Hq={args.heads} Hkv={args.kv_heads}, load average "
         f"{os.getloadavg()[0]:.1f} at start")
@@ -190,14 +167,9 @@ def main(argv=None):
   rows = []
   for s in sections:
     SECTIONS[s](args, rows)
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"attention_{machine}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
   meta = dict(machine=machine, backend=jax.default_backend(), jax=jax.__version__,
               argv=sys.argv[1:], load_average_end=os.getloadavg()[0])
-  with open(out, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1)
-  print(f"# wrote {out}")
+  print(f"# wrote {common.write_json(dict(meta=meta, rows=rows), 'attention', args.out)}")
 
 
 if __name__ == "__main__":

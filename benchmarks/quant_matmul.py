@@ -28,19 +28,15 @@ Example (see benchmarks/README.md for recorded numbers):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from ops import quant  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # name -> (fmt, quantize kwargs, act_fmt)
@@ -56,18 +52,6 @@ FORMATS = {
     "w8a8-int8": ("int8", {}, "int8"),
     "w8a8-fp8": ("fp8", {}, "fp8"),
 }
-KERNEL_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
-
-
-def _time_ms(fn, *args, iters: int) -> tuple[float, float]:
-  """(median, min) milliseconds over ``iters`` calls after a compile-and-warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times), min(times)
 
 
 def measure_peak_gbps(iters: int, mbytes: int = 256) -> float:
@@ -77,7 +61,7 @@ def measure_peak_gbps(iters: int, mbytes: int = 256) -> float:
   also count first-touch page faults of its fresh output on a CPU.
   """
   x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
-  _, ms = _time_ms(jax.jit(jnp.sum), x, iters=max(5, iters))
+  _, ms = common.time_ms(jax.jit(jnp.sum), x, iters=max(5, iters))
   return x.nbytes / ms / 1e6
 
 
@@ -111,7 +95,7 @@ def kernel_check(names, kernel: str, size: int) -> list[dict]:
 
 def run(args) -> dict:
   backend = jax.default_backend()
-  kernel = KERNEL_IMPL.get(backend)
+  kernel = common.KERNEL_IMPL.get(backend)
   names = args.formats.split(",")
   k, n = args.k, args.n
   rng = np.random.default_rng(0)
@@ -125,7 +109,7 @@ def run(args) -> dict:
   for m in [int(v) for v in args.m.split(",")]:
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
     io_bytes = 2 * (m * k + m * n)
-    base_ms, base_min = _time_ms(dot, x, w_bf16, iters=args.iters)
+    base_ms, base_min = common.time_ms(dot, x, w_bf16, iters=args.iters)
 
     def row(name, impl, times, w_bytes, err):
       ms, ms_min = times
@@ -144,7 +128,7 @@ def run(args) -> dict:
         fn = jax.jit(lambda x, q, impl=impl, act=act: quant.quantized_matmul(
             x, q, act_fmt=act, impl=impl))
         try:
-          times = _time_ms(fn, x, qw, iters=args.iters)
+          times = common.time_ms(fn, x, qw, iters=args.iters)
         except ValueError as e:  # no kernel for this format
           rows.append(dict(m=m, k=k, n=n, format=name, impl=impl,
                            note=_no_kernel(e)))
@@ -155,18 +139,11 @@ def run(args) -> dict:
     for kern in ("pallas_tpu", "pallas_gpu"):
       checks += kernel_check(names, kern, args.kernel_check_size)
   return dict(
-      benchmark="quant_matmul", machine=_machine(), backend=backend,
+      benchmark="quant_matmul", machine=common.machine(), backend=backend,
       device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
       cpu_count=os.cpu_count(), load_avg_1min_at_end=os.getloadavg()[0], peak_gbps=peak, peak_source=args.peak_gbps,
       command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
       rows=rows, kernel_checks=checks)
-
-
-def _machine() -> str:
-  kind = jax.devices()[0].device_kind
-  if jax.default_backend() == "cpu":
-    kind = f"cpu-{os.cpu_count()}core-{platform.machine()}"
-  return re.sub(r"[^A-Za-z0-9_.-]+", "-", kind).strip("-").lower()
 
 
 def print_table(result: dict) -> None:
@@ -210,12 +187,7 @@ def main(argv=None) -> None:
     p.error(f"unknown formats {sorted(unknown)}; choose from {list(FORMATS)}")
   result = run(args)
   print_table(result)
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"quant_matmul_{result['machine']}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"\nwrote {out}")
+  print(f"\nwrote {common.write_json(result, 'quant_matmul', args.out)}")
 
 
 if __name__ == "__main__":
