@@ -81,8 +81,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.passkey.min_len = 0             # > 0: rows packed with documents of min_len..len bytes
   c.passkey.lm_weight = 1.0         # loss weight of the haystack bytes
   c.passkey.train_questions = 1     # extra question-answer pairs after the needle (training)
-  c.passkey.answer_weight = 50.0    # loss weight of each key byte after a question
-  c.passkey.pretrain_steps = 500    # stage 1 (shared, dense) steps (0: none)
+  c.passkey.answer_weight = 50.0    # loss weight of each key byte to copy
+  c.passkey.pretrain_steps = 700    # stage 1 (shared, dense) steps (0: none)
   c.passkey.pretrain_len = 256
   c.passkey.pretrain_batch = 8
   c.passkey.pretrain_lr = 3e-3
@@ -122,7 +122,9 @@ def example(tokens: np.ndarray, rng: np.random.Generator, length: int, digits: i
   question-answer pairs at uniformly random places after the needle, then
   the final question, the key and ".".
 
-  Returns (tokens [length + 1] int32, start index of each answer's key, key).
+  Returns (tokens [length + 1] int32, key starts to train on: the needle's
+  second copy of the key (a short-range copy, which teaches the induction head
+  that the long-range answers need) and each answer, the last one final; key).
   """
   key = make_key(rng, digits, distinct)
   qa = QUESTION + key + "."
@@ -135,7 +137,8 @@ def example(tokens: np.ndarray, rng: np.random.Generator, length: int, digits: i
   hay = np.where(hay >= 256, ord("\n"), hay)
   at = int(rng.integers(0, hay_len + 1)) if depth is None else int(round(depth * hay_len))
   cuts = [at] + sorted(rng.integers(at, hay_len + 1, questions).tolist()) + [hay_len]
-  pieces, keys = [np.array([BOS], np.int32), hay[:at], _bytes(needle(key))], []
+  pieces = [np.array([BOS], np.int32), hay[:at], _bytes(needle(key))]
+  keys = [1 + at + needle(key).rindex(MARK) + 1]  # the needle's second copy of the key
   for lo, hi in zip(cuts[:-1], cuts[1:]):       # haystack, then a question and its answer
     pieces.append(hay[lo:hi])
     keys.append(sum(x.size for x in pieces) + len(QUESTION))
@@ -148,7 +151,8 @@ def train_row(tokens: np.ndarray, rng: np.random.Generator, seq_len: int,
   """One training row of ``seq_len`` inputs: passkey documents of uniformly
   random lengths in [min_len, seq_len] (min_len 0: one document), segment ids
   1, 2, ..., loss weight ``lm_weight`` on haystack bytes and ``answer_weight``
-  on the key bytes after each question; the first target of each document
+  on the key bytes after each question and on the needle's second key; the
+  first target of each document
   (its first byte, predicted from BOS) has weight ``lm_weight`` too."""
   min_len = p.min_len or seq_len
   toks, seg, weight, left = [], [], [], seq_len + 1

@@ -30,9 +30,11 @@ def test_example_plants_the_key(depth, questions):
   assert at == round(depth * hay_len)              # the needle at its depth of the haystack
   assert text.count(passkey.MARK) == 2 + questions + 1
   assert text.endswith(passkey.QUESTION + key + ".")
-  assert len(keys) == questions + 1 and keys == sorted(keys)
-  for k in keys:                                   # every answer: the key after a question
-    assert _text(doc[k:k + 5]) == key
+  assert len(keys) == questions + 2 and keys == sorted(keys)
+  assert keys[0] == 1 + at + passkey.needle(key).rindex(passkey.MARK) + 1
+  for k in keys:                                   # the key after each "$" but the first
+    assert _text(doc[k:k + 5]) == key and _text(doc[k - 1:k]) == passkey.MARK
+  for k in keys[1:]:                               # the answers
     assert _text(doc[k - len(passkey.QUESTION):k]) == passkey.QUESTION
   assert keys[-1] == 1001 - 6
 
@@ -62,8 +64,8 @@ def test_train_batch_weights_answers(min_len, questions):
     assert inputs[0] == data_lib.BOS and seg[0] == 1 and (np.diff(seg) >= 0).all()
     assert (seg[inputs == data_lib.BOS] == np.unique(seg)).all()   # one BOS per segment
     answer = w == p.answer_weight
-    # Each document: (train_questions + 1) answers of `digits` key bytes after "$".
-    assert answer.sum() == seg.max() * (p.train_questions + 1) * p.digits
+    # Each document: its second needle key and (train_questions + 1) answers.
+    assert answer.sum() == seg.max() * (p.train_questions + 2) * p.digits
     first = np.flatnonzero(answer & ~np.roll(answer, 1))
     assert (inputs[first] == ord(passkey.MARK)).all()
     assert (targets[answer] >= ord("0")).all() and (targets[answer] <= ord("9")).all()
