@@ -67,11 +67,12 @@ def _greedy(graphdef, params, frozen, inputs):
 
 def evaluate(model, graphdef, params, frozen, stream, length: int, n: int, p, seed: int,
              batch_size: int, generate: bool = True) -> dict:
-  """acc (teacher-forced), gen (greedy generation), digit_acc and acc per depth quarter."""
+  """acc (teacher-forced, all digits), first (the first digit), gen (greedy
+  generation), digit_acc (per digit) and acc / first per depth quarter."""
   rng = np.random.default_rng([seed, length])
   depths = (np.arange(n) + 0.5) / n
-  exs = [task.example(stream.tokens, rng, length, p.digits, d, distinct=p.distinct_digits)
-         for d in depths]
+  exs = [task.example(stream.tokens, rng, length, p.digits, d, distinct=p.distinct_digits,
+                      offset=p.key_offset) for d in depths]
   first = exs[0][1][-1]   # same layout for every example of this length
   acc, gen, digit = [], [], []
   for i in range(0, n, batch_size):
@@ -79,14 +80,17 @@ def evaluate(model, graphdef, params, frozen, stream, length: int, n: int, p, se
     pred = np.asarray(_greedy(graphdef, params, frozen, jnp.asarray(tokens[:, :-1])))
     hit = task.score(pred, tokens, first, p.digits)
     acc += list(hit.all(1))
-    digit += list(hit.mean(1))
+    digit += list(hit)
     if generate:
       out = sample_lib.generate_ids(model, list(tokens[:, :first]), max_new_tokens=p.digits)
       gen += list((out == tokens[:, first:first + p.digits]).all(1))
-  acc = np.asarray(acc, float)
-  quarters = [float(acc[(depths >= q / 4) & (depths < (q + 1) / 4)].mean()) for q in range(4)]
+  acc, digit = np.asarray(acc, float), np.asarray(digit, float)
+  quarter = lambda x: [float(x[(depths >= q / 4) & (depths < (q + 1) / 4)].mean())
+                       for q in range(4)]
   return {"acc": float(acc.mean()), "gen": float(np.mean(gen)) if gen else None,
-          "digit_acc": float(np.mean(digit)), "acc_by_depth_quarter": quarters}
+          "first": float(digit[:, 0].mean()), "digit_acc": digit.mean(0).tolist(),
+          "acc_by_depth_quarter": quarter(acc),
+          "first_by_depth_quarter": quarter(digit[:, 0])}
 
 
 def kv_blocks(m, length: int) -> str:
@@ -139,9 +143,10 @@ def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
       model = train_lib.merge_model(graphdef, state.params, state.frozen)
       r = evaluate(model, graphdef, state.params, state.frozen, corpus.heldout, seq_len, 16,
                    cfg.passkey, cfg.seed + 2, batch_size, generate=False)
-      probes.append({"step": i + 1, "acc": r["acc"], "digit_acc": r["digit_acc"]})
+      probes.append({"step": i + 1, "acc": r["acc"], "first": r["first"],
+                     "digit_acc": r["digit_acc"]})
       log(f"  {tag} step {i + 1}: held-out acc@{seq_len} {r['acc']:.2f} "
-          f"digit acc {r['digit_acc']:.2f}")
+          f"first {r['first']:.2f} digits {np.round(r['digit_acc'], 2)}")
   stats = {"step_ms": statistics.median(times[1:] or times) * 1e3, "compile_s": times[0],
            "train_s": time.perf_counter() - start,
            "final_loss": float(np.mean(losses[-t.log_every:])), "probes": probes}
@@ -164,7 +169,8 @@ def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
   for length in lens:
     row["eval"][length] = evaluate(model, graphdef, params, frozen, corpus.heldout, length,
                                    p.eval_examples, p, cfg.seed + 1, p.eval_batch)
-    log(f"  {pattern} acc@{length} {row['eval'][length]['acc']:.2f}")
+    e = row["eval"][length]
+    log(f"  {pattern} acc@{length} {e['acc']:.2f} first {e['first']:.2f} gen {e['gen']:.2f}")
   row["eval_s"] = time.perf_counter() - start
   return row
 
@@ -199,8 +205,8 @@ def main(argv=None):
   p, params, pretrain = config.passkey, None, None
   stage1_key = json.dumps([config.seed, config.model.to_dict(), config.data.to_dict(),
                            {k: v for k, v in p.items() if k.startswith("pretrain_")
-                            or k in ("digits", "distinct_digits", "min_len", "lm_weight",
-                                     "train_questions", "answer_weight")}],
+                            or k in ("digits", "distinct_digits", "key_offset", "min_len",
+                                     "lm_weight", "train_questions", "answer_weight")}],
                           sort_keys=True, default=str)
   if args.stage1 and os.path.exists(args.stage1):
     with open(args.stage1, "rb") as f:
@@ -224,14 +230,15 @@ def main(argv=None):
   rows = [run_pattern(config, pattern, corpus, log, params)
           for pattern in p.patterns.split(",")]
   lens = list(rows[0]["eval"])
-  head = (f"{'pattern':<8} {'kv blocks':>9} {'ms/step':>8} {'loss':>6} "
-          + " ".join(f"{'acc@' + str(n):>9} {'gen@' + str(n):>9}" for n in lens)
-          + "  acc@" + str(lens[-1]) + " by depth quarter")
-  log(head)
+  log(f"{'pattern':<8} {'kv blocks':>9} {'ms/step':>8} {'loss':>6} "
+      + " ".join(f"{'acc@' + str(n):>9} {'first@' + str(n):>10} {'gen@' + str(n):>9}"
+                 for n in lens)
+      + f"  first@{lens[-1]} by depth quarter")
   for r in rows:
     log(f"{r['pattern']:<8} {r['kv_blocks']:>9} {r['step_ms']:>8.0f} {r['final_loss']:>6.3f} "
-        + " ".join(f"{r['eval'][n]['acc']:>9.2f} {r['eval'][n]['gen']:>9.2f}" for n in lens)
-        + "  " + " ".join(f"{a:.2f}" for a in r["eval"][lens[-1]]["acc_by_depth_quarter"]))
+        + " ".join(f"{r['eval'][n]['acc']:>9.2f} {r['eval'][n]['first']:>10.2f} "
+                   f"{r['eval'][n]['gen']:>9.2f}" for n in lens)
+        + "  " + " ".join(f"{a:.2f}" for a in r["eval"][lens[-1]]["first_by_depth_quarter"]))
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                  f"passkey_{machine}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)

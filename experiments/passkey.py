@@ -7,6 +7,7 @@ sources), asked for at the end::
   BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
        haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
 
+(the key written with ``key_offset``, see below).
 ``benchmarks/passkey.py`` trains one byte-level transformer per pattern of
 ``passkey.patterns`` from scratch and prints retrieval accuracy and time per
 training step (README "Sparse attention"). Training has two stages:
@@ -21,20 +22,28 @@ training step (README "Sparse attention"). Training has two stages:
 
 Then each model is asked for held-out keys at ``eval_lens`` bytes.
 
-Sparse keys (block_size 64): topk keeps ``top_k`` = 12 selected blocks plus one
-local and one sink block, 14 of the 64 blocks of a 4K context (<= 1/4 of the
-causal (query, kv) block pairs at 4K, see the table's ``kv blocks``); sliding
-keeps ``window`` = 512 keys (the same compute per query as topk at 4K up to a
-block).
+Sparse keys (block_size 64): topk keeps ``top_k`` = 12 selected kv blocks
+plus one local and one sink block, so a query block of a 4K context attends
+to 14 of its 64 kv blocks (22%, the table's ``kv blocks``; 14 of 32 at 2K);
+sliding keeps ``window`` = 896 = 14 x 64 keys, the same number.
 
-Deviations from the issue, forced by a 2-core CPU (dense attention at 4K costs
-~9 s per training step of one row there): contexts of 4K bytes at evaluation
-(the issue: 4K-16K), training at ``data.seq_len`` = 2K bytes in stage 2 (the
-sparse patterns are also trained there, so the per-step times compare like with
-like), a 2-layer model, and keys of distinct digits (``distinct_digits``: a
-repeated digit makes the byte after it ambiguous for a small model's
-one-token induction head; the comparison between patterns is about whether
-attention reaches the needle, not about that).
+Deviations from the issue, forced by a 2-core CPU shared with other jobs
+(dense attention at 4K costs ~9 s per training step of one row there):
+
+- contexts of 2K and 4K bytes at evaluation (the issue: 4K-16K), stage 2
+  training at ``data.seq_len`` = 2K bytes, one row per step, 30 steps (the
+  sparse patterns train there too, so per-step times compare like with like);
+  4K is thus twice the longest trained context for every pattern;
+- a 2-layer model, d_model 128;
+- the key's "digits" are the bytes 0..9 (``key_offset`` = 0; 48 writes ASCII
+  digits), 5 different ones: the corpus never contains these bytes, so the
+  byte after each key symbol is found by a one-token induction head. With
+  ASCII digits (18 per 1K bytes of the corpus, so ~7 copies of each digit in
+  a 4K context) this model learned within the budget to fetch the first digit
+  (anchored by "$") but not to chain the others: dense attention, 2K
+  contexts, first digit 0.46, whole key 0.00. The comparison between
+  patterns is about whether attention reaches the needle, which the first
+  symbol already shows (``first`` in the table), not about that chaining.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.passkey.patterns = "dense,topk,sliding"   # model.attention of each trained model
   c.passkey.digits = 5
   c.passkey.distinct_digits = True  # keys of 5 different digits
+  c.passkey.key_offset = 0          # digit d is written as byte key_offset + d (48: ASCII)
   c.passkey.min_len = 0             # > 0: rows packed with documents of min_len..len bytes
   c.passkey.lm_weight = 1.0         # loss weight of the haystack bytes
   c.passkey.train_questions = 1     # extra question-answer pairs after the needle (training)
@@ -93,15 +103,17 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def make_key(rng: np.random.Generator, digits: int, distinct: bool) -> str:
-  """A random key of ``digits`` decimal digits, no leading zero."""
+def make_key(rng: np.random.Generator, digits: int, distinct: bool, offset: int = 48) -> str:
+  """A random key of ``digits`` symbols ``chr(offset + d)``, d in 0..9 (offset 48:
+  decimal digits), the first with d != 0; all different if ``distinct``."""
   if distinct:
     if not 1 <= digits <= 10:
       raise ValueError(f"digits must be in 1..10 for distinct digits, got {digits}")
     first = int(rng.integers(1, 10))
-    rest = rng.permutation([d for d in range(10) if d != first])[:digits - 1]
-    return str(first) + "".join(str(d) for d in rest)
-  return str(rng.integers(10 ** (digits - 1), 10 ** digits))
+    ds = [first] + rng.permutation([d for d in range(10) if d != first])[:digits - 1].tolist()
+  else:
+    ds = [int(c) for c in str(rng.integers(10 ** (digits - 1), 10 ** digits))]
+  return "".join(chr(offset + d) for d in ds)
 
 
 def needle(key: str) -> str:
@@ -113,8 +125,8 @@ def _bytes(s: str) -> np.ndarray:
 
 
 def example(tokens: np.ndarray, rng: np.random.Generator, length: int, digits: int,
-            depth: float | None = None, questions: int = 0,
-            distinct: bool = True) -> tuple[np.ndarray, list[int], str]:
+            depth: float | None = None, questions: int = 0, distinct: bool = True,
+            offset: int = 48) -> tuple[np.ndarray, list[int], str]:
   """One passkey document of ``length + 1`` tokens from the corpus ``tokens``.
 
   BOS, a random span of ``tokens`` (ids >= 256, document breaks, become
@@ -126,7 +138,7 @@ def example(tokens: np.ndarray, rng: np.random.Generator, length: int, digits: i
   second copy of the key (a short-range copy, which teaches the induction head
   that the long-range answers need) and each answer, the last one final; key).
   """
-  key = make_key(rng, digits, distinct)
+  key = make_key(rng, digits, distinct, offset)
   qa = QUESTION + key + "."
   hay_len = length - len(needle(key)) - (questions + 1) * len(qa)
   if hay_len < 0:
@@ -160,7 +172,7 @@ def train_row(tokens: np.ndarray, rng: np.random.Generator, seq_len: int,
     n = int(rng.integers(min_len, seq_len + 1))
     n = left if left - n < min_len else min(n, left)
     doc, keys, _ = example(tokens, rng, n - 1, p.digits, questions=p.train_questions,
-                           distinct=p.distinct_digits)
+                           distinct=p.distinct_digits, offset=p.key_offset)
     w = np.full(n, p.lm_weight, np.float32)
     for k in keys:
       w[k:k + p.digits] = p.answer_weight

@@ -47,8 +47,17 @@ def test_example_rejects_short_length():
 def test_keys_with_repeats_allowed():
   rng = np.random.default_rng(0)
   keys = [passkey.make_key(rng, 5, distinct=False) for _ in range(200)]
-  assert all(len(k) == 5 and k[0] != "0" for k in keys)
+  assert all(len(k) == 5 and k.isdigit() and k[0] != "0" for k in keys)
   assert any(len(set(k)) < 5 for k in keys)
+
+
+def test_keys_of_rare_bytes():
+  doc, keys, key = passkey.example(HAY, np.random.default_rng(4), 400, 5, 0.5, offset=0)
+  codes = [ord(c) for c in key]
+  assert len(set(codes)) == 5 and all(1 <= c <= 9 for c in codes[:1]) and max(codes) <= 9
+  for k in keys:
+    np.testing.assert_array_equal(doc[k:k + 5], codes)
+  assert np.isin(doc, codes).sum() == 5 * len(keys) + 5   # + the needle's first copy
 
 
 @pytest.mark.parametrize("min_len,questions", [(0, 3), (120, 0)])
@@ -68,7 +77,7 @@ def test_train_batch_weights_answers(min_len, questions):
     assert answer.sum() == seg.max() * (p.train_questions + 2) * p.digits
     first = np.flatnonzero(answer & ~np.roll(answer, 1))
     assert (inputs[first] == ord(passkey.MARK)).all()
-    assert (targets[answer] >= ord("0")).all() and (targets[answer] <= ord("9")).all()
+    assert (targets[answer] >= p.key_offset).all() and (targets[answer] <= p.key_offset + 9).all()
     assert set(np.unique(w)) <= {0.0, p.lm_weight, p.answer_weight}
     assert (w[targets == data_lib.BOS] == 0).all()    # no loss across documents
     if min_len:                                       # documents of >= min_len bytes
