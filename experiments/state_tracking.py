@@ -6,7 +6,17 @@ For every modulus x mixer x eigenvalue range, a small linear-RNN stack is
 trained on random bit strings of ``task.train_length`` bits with the running
 count mod k as the target at every position, then scored on the answer for
 fresh strings 2x, 4x and 8x longer (gemkit/state_tracking.py). Sized to run
-the whole grid on 2 CPU cores in minutes.
+the whole grid on 2 CPU cores in under 30 minutes.
+
+Deviations from the paper's setup (they train Mamba and DeltaNet from
+flash-linear-attention on strings of 3..40 tokens and test on 40..256): one
+string length, 32, with every prefix labelled (so every length 1..32 is
+trained); test lengths 64, 128 and 256; a 2-layer stack of our own layers
+(``models/linear_rnn.py``: short convolution, SwiGLU MLP, d_model 32), 600
+AdamW steps of 32 strings. The learning rate 1e-2 was picked on parity
+(3e-3 gave the same picture with DeltaNet [-1,1] at 96% for 4x and 66% for
+8x; 1200 steps or training on 64 bits did not lengthen its reach). Nothing
+else was tuned.
 """
 
 import ml_collections
@@ -38,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600
   c.train.batch_size = 32
-  c.train.lr = 3e-3
+  c.train.lr = 1e-2
   c.train.min_lr_ratio = 0.1
   c.train.warmup_steps = 50
   c.train.schedule = "cosine"
