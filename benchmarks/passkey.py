@@ -1,33 +1,39 @@
 """Passkey retrieval: dense vs top-k block vs sliding-window attention.
 
-For each pattern of ``passkey.patterns`` (``experiments/passkey.py``) a
-transformer is trained from scratch on the default corpus with a pass key
-planted at a uniformly random depth of every context::
+For each pattern of ``passkey.patterns`` a transformer is trained from
+scratch on the default corpus with a pass key planted at a uniformly random
+depth of every context (the task and its two training stages, shared dense
+short contexts then per pattern, are described in ``experiments/passkey.py``)::
 
   BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
        haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
 
 The haystack is a random span of the corpus's train split (document breaks
 become newlines). The loss is next-byte prediction on every position, with
-weight ``passkey.answer_weight`` on the answer bytes. Evaluation plants keys
-in held-out spans at ``passkey.eval_examples`` depths spread over [0, 1] for
-each length of ``passkey.eval_lens`` and reports:
+weight ``passkey.answer_weight`` on the key bytes to copy. Evaluation plants
+keys in held-out spans at ``passkey.eval_examples`` depths spread evenly over
+[0, 1] for each length of ``passkey.eval_lens`` and reports:
 
 - ``acc``: all key digits are the argmax of a forward pass over prompt and
   answer (teacher forcing; how ``gemkit.evaluate`` scores synthetic tasks).
   For top-k the block selection of the last query block then also sees the
   answer's queries (the forward pass selects per block of queries).
-- ``gen``: greedy generation from the prompt alone (``gemkit.sample``;
-  prefill, then one ``decode`` step per digit; top-k decodes with Quest
-  page selection).
+- ``first``: the same for the key's first digit alone (it can only come
+  from the needle); ``digit_acc`` in the JSON has every digit.
+- ``gen``: greedy generation of the whole key from the prompt alone
+  (``gemkit.sample``: prefill, then one ``decode`` step per digit; top-k
+  decodes with Quest page selection).
 
 Time per training step: median wall time of the steps after the first
 (compilation), each waited for, with the load average of the machine.
 Prints a table and writes JSON (default
 ``benchmarks/results/passkey_<machine>.json``).
 
-  python benchmarks/passkey.py                       # the README table
-  python benchmarks/passkey.py --set train.steps=50 --set passkey.patterns=topk
+  python benchmarks/passkey.py --stage1 /tmp/stage1.pkl    # the README table
+  python benchmarks/passkey.py --stage1 /tmp/stage1.pkl --set passkey.patterns=topk
+
+``--stage1`` keeps the shared stage's weights (and its stats) in a file and
+reuses them when the same stage is asked for again.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ sources), asked for at the end::
   BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
        haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
 
-(the key written with ``key_offset``, see below).
+(the key's digits written as bytes ``key_offset + d``; 48: ASCII).
 ``benchmarks/passkey.py`` trains one byte-level transformer per pattern of
 ``passkey.patterns`` from scratch and prints retrieval accuracy and time per
 training step (README "Sparse attention"). Training has two stages:
@@ -35,15 +35,18 @@ Deviations from the issue, forced by a 2-core CPU shared with other jobs
   sparse patterns train there too, so per-step times compare like with like);
   4K is thus twice the longest trained context for every pattern;
 - a 2-layer model, d_model 128;
-- the key's "digits" are the bytes 0..9 (``key_offset`` = 0; 48 writes ASCII
-  digits), 5 different ones: the corpus never contains these bytes, so the
-  byte after each key symbol is found by a one-token induction head. With
-  ASCII digits (18 per 1K bytes of the corpus, so ~7 copies of each digit in
-  a 4K context) this model learned within the budget to fetch the first digit
-  (anchored by "$") but not to chain the others: dense attention, 2K
-  contexts, first digit 0.46, whole key 0.00. The comparison between
-  patterns is about whether attention reaches the needle, which the first
-  symbol already shows (``first`` in the table), not about that chaining.
+- the score to compare patterns is ``first``, the key's first digit, besides
+  the whole key (``acc``, ``gen``). The first digit follows the needle's "$"
+  and can only come from the needle (chance 1/9): it measures whether
+  attention reaches the needle. Within the budget this model learned that
+  lookup (first digit of 32 held-out keys at 256 bytes after stage 1: 1.00;
+  at 1K: 0.72) but not to chain the other digits: each is found after the
+  previous digit, and the corpus has
+  18 digits per 1K bytes (~7 copies of each digit in a 4K context), so a
+  one-token induction head is ambiguous there. Keys of 5 different digits
+  (``distinct_digits``) remove the ambiguity inside the key. Keys of bytes
+  the corpus lacks (``key_offset`` = 0, bytes 0..9) were tried and learned
+  more slowly in stage 1 (first symbol 0.25 at 256 bytes after 700 steps).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.passkey.patterns = "dense,topk,sliding"   # model.attention of each trained model
   c.passkey.digits = 5
   c.passkey.distinct_digits = True  # keys of 5 different digits
-  c.passkey.key_offset = 0          # digit d is written as byte key_offset + d (48: ASCII)
+  c.passkey.key_offset = 48         # digit d is written as byte key_offset + d (48: ASCII)
   c.passkey.min_len = 0             # > 0: rows packed with documents of min_len..len bytes
   c.passkey.lm_weight = 1.0         # loss weight of the haystack bytes
   c.passkey.train_questions = 1     # extra question-answer pairs after the needle (training)
