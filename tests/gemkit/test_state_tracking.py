@@ -107,11 +107,9 @@ def test_launcher_writes_json_and_table(tmp_path):
 
 @pytest.mark.slow
 def test_negative_eigenvalue_deltanet_learns_parity_and_extrapolates():
-  cfg = _config(**{"task.moduli": (2,), "task.mixers": ("deltanet",),
-                   "task.eigenvalue_ranges": ("[-1,1]",), "task.train_length": 16,
-                   "task.test_lengths": (64,), "task.eval_examples": 256,
-                   "train.steps": 300, "train.batch_size": 32, "train.warmup_steps": 30,
-                   "train.log_every": 100, "model.num_layers": 2, "model.d_model": 32,
-                   "model.mlp_dim": 64, "model.num_heads": 2, "model.head_dim": 16})
+  """The grid's DeltaNet [-1,1] parity cell (experiments/state_tracking.py as is)."""
+  cfg = config_lib.load_file("experiments/state_tracking.py")
+  cfg.task.moduli, cfg.task.mixers, cfg.task.eigenvalue_ranges = (2,), ("deltanet",), ("[-1,1]",)
+  cfg.task.test_lengths = (64, 128)
   row, = state_tracking.run(cfg, log=lambda _: None)
-  assert row["accuracy"]["64"] >= 0.95, row
+  assert min(row["accuracy"].values()) >= 0.95, row["accuracy"]
