@@ -55,7 +55,6 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -287,12 +286,12 @@ def method_settings(cfg: ml_collections.ConfigDict, method: str) -> dict:
 
 
 def build_model(base_model: nnx.Module, fingerprint: str, settings: dict):
-  """(model, trainable filter) of a method's settings, from a copy of the float base.
+  """(model, trainable filter) of a method's settings, from a clone of the float base.
 
-  The copy has arrays of its own (a Trainer donates them).
+  The clone shares the base's arrays: a Trainer copies the trained ones and
+  only reads the frozen ones, so ``base_model`` stays usable.
   """
-  graphdef, state = nnx.split(base_model)
-  model = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
+  model = nnx.clone(base_model)
   if settings["method"] == "full":
     return model, nnx.Param
   if settings.get("quantization"):
