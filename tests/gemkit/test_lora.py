@@ -142,7 +142,7 @@ def test_training_moves_only_adapters_and_resumes_exactly(tmp_path):
   rule = lora.LoRARule(rank=2, dropout=0.5)     # adapter dropout: the step's key, per layer
 
   def trainer(workdir):
-    model = lora.apply_lora(_base(), rule, name="task")   # fresh arrays: the step donates them
+    model = lora.apply_lora(_base(), rule, name="task")
     return train.Trainer(cfg, workdir, model_fn=lambda: model, trainable=lora.trainable("task"),
                          data=task, meta={"finetune": {"rule": rule.to_dict()}})
 
