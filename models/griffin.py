@@ -45,7 +45,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import layers, recurrent, transformer
-from ops import scan
 
 C = 8.0                       # the RG-LRU's fixed exponent scale c
 MAX_SQRT_GRADIENT = 1000.0    # bound on d sqrt(x) / dx near x = 0 (recurrentgemma)
@@ -186,7 +185,7 @@ class RGLRU(nnx.Module):
     if valid is not None:
       a = jnp.where(valid[..., None], a, 1.0)
       b = jnp.where(valid[..., None], b, 0.0)
-    h, h_last = scan.linear_scan(a, b, h0=h0, impl=self.impl)
+    h, h_last = recurrent.linear_scan(a, b, h0, self.impl)
     return h.astype(u.dtype), h_last
 
 

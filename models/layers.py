@@ -61,9 +61,9 @@ def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None]
   and H over tensor), ``fn`` runs per shard under ``jax.shard_map``, and its
   outputs are reassembled by ``out_names`` (a tuple of names per output, in
   ``fn``'s output structure). A name of None (or one without a rule) keeps
-  that dim whole. ``fn`` must be independent along every split dim (batch
-  rows, heads): per-shard calls then equal the unsharded one, and no input is
-  gathered.
+  that dim whole; an argument that is None reaches ``fn`` as None. ``fn`` must
+  be independent along every split dim (batch rows, heads, channels):
+  per-shard calls then equal the unsharded one, and no input is gathered.
 
   Without a mesh, or when a split dim does not divide into its shards (a
   decode batch of 1 on a data-parallel mesh), this is ``fn`` itself and the
@@ -76,18 +76,36 @@ def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None]
     mesh, rules = active
     if len(args) != len(in_names):
       raise ValueError(f"in_names has {len(in_names)} entries, got {len(args)} arguments")
-    in_specs = tuple(_spec(n, rules) for n in in_names)
-    for x, spec in zip(args, in_specs):
-      for size, axes in zip(x.shape, spec):
+    present = [i for i, x in enumerate(args) if x is not None]
+    in_specs = tuple(_spec(in_names[i], rules) for i in present)
+    for i, spec in zip(present, in_specs):
+      for size, axes in zip(args[i].shape, spec):
         axes = (axes,) if isinstance(axes, str) else axes or ()
         if size % math.prod(mesh.shape[a] for a in axes):
           return fn(*args)
     is_names = lambda n: n is None or (isinstance(n, tuple) and all(
         a is None or isinstance(a, str) for a in n))
     out_specs = jax.tree.map(lambda n: _spec(n, rules), out_names, is_leaf=is_names)
-    return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    def local(*blocks):
+      full = [None] * len(args)
+      for i, block in zip(present, blocks):
+        full[i] = block
+      return fn(*full)
+
+    return jax.shard_map(local, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
+        *(args[i] for i in present))
 
   return wrapped
+
+
+def kernel_op(fn: Callable[..., Any], impl: str,
+              in_names: Sequence[Sequence[str | None] | None], out_names: Any
+              ) -> Callable[..., Any]:
+  """``shard_map_op(fn, ...)`` when ``impl`` may resolve to a Pallas kernel on
+  this backend (``ops.common.may_use_kernel``), else ``fn``: XLA ops are left
+  to the SPMD partitioner."""
+  return shard_map_op(fn, in_names, out_names) if common.may_use_kernel(impl) else fn
 
 
 def mesh_axes(name: str | None) -> tuple[str, ...]:
@@ -200,20 +218,18 @@ class Dense(nnx.Module):
       y = jnp.dot(x, self.kernel[...].astype(self.dtype))
     else:
       arrays = tuple(self.quantized[f][...] for f in self.quantized)
-      matmul = self._quantized_matmul
-      if common.may_use_kernel(self.impl):
-        # Per shard: rows of x, and output columns where the weight is split
-        # by them over other mesh axes than the rows (not with double
-        # quantization, whose scale blocks run across columns); the kernel
-        # reads the packed weight, whole along K.
-        n_name = (self.quantized["values"].get_metadata().get("out_sharding") or (None,) * 2)[1]
-        if "scale_scales" in self.quantized or set(mesh_axes(n_name)) & set(mesh_axes("batch")):
-          n_name = None
-        w_names = [(None, n_name) if a.ndim == 2 and a.shape[1] == self.out_features
-                   else None for a in arrays]
-        rows = ("batch",) + (None,) * (x.ndim - 1)
-        matmul = shard_map_op(matmul, [rows] + w_names, rows[:-1] + (n_name,))
-      y = matmul(x, *arrays)
+      # Per shard: rows of x, and output columns where the weight is split by
+      # them over other mesh axes than the rows (not with double
+      # quantization, whose scale blocks run across columns); the kernel
+      # reads the packed weight, whole along K.
+      n_name = (self.quantized["values"].get_metadata().get("out_sharding") or (None,) * 2)[1]
+      if "scale_scales" in self.quantized or set(mesh_axes(n_name)) & set(mesh_axes("batch")):
+        n_name = None
+      w_names = [(None, n_name) if a.ndim == 2 and a.shape[1] == self.out_features
+                 else None for a in arrays]
+      rows = ("batch",) + (None,) * (x.ndim - 1)
+      y = kernel_op(self._quantized_matmul, self.impl, [rows] + w_names,
+                    rows[:-1] + (n_name,))(x, *arrays)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -203,8 +203,8 @@ class _MatrixStateMixer(nnx.Module):
     (the chunked op would pad it to a chunk)."""
     if state is not None and args[0].shape[1] == 1:
       return steps(*args, initial_state=state)
-    return chunked(*args, initial_state=state, chunk_size=self.cfg.chunk_size,
-                   impl=self.cfg.scan_impl)
+    return recurrent.matrix_state_op(chunked, self.cfg.scan_impl, args, state,
+                                     chunk_size=self.cfg.chunk_size)
 
 
 class GatedLinearAttention(_MatrixStateMixer):
@@ -318,8 +318,8 @@ class DiagonalSSM(nnx.Module):
     if valid is not None:
       a = jnp.where(valid[..., None, None], a, 1.0)
       b = jnp.where(valid[..., None, None], b, 0.0)
-    h, h_last = scan.linear_scan(a.reshape(B, T, -1), b.reshape(B, T, -1), h0=h0,
-                                 impl=self.cfg.scan_impl)
+    h, h_last = recurrent.linear_scan(a.reshape(B, T, -1), b.reshape(B, T, -1), h0,
+                                      self.cfg.scan_impl)
     y = jnp.einsum("bten,btn->bte", h.reshape(a.shape), c_t)
     y = y + self.d_skip[...].astype(jnp.float32) * u.astype(jnp.float32)
     return self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(u.dtype)), h_last

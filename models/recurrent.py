@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import layers
+from ops import scan
 
 
 @flax.struct.dataclass
@@ -205,6 +206,29 @@ class RecurrentLM(nnx.Module):
       x, state = block.decode(x, state, cache.lengths, valid)
       states.append(state)
     return self._logits(x), RecurrentCache(tuple(states), cache.lengths + num_valid)
+
+
+def linear_scan(a: jax.Array, b: jax.Array, h0: jax.Array | None, impl: str):
+  """``ops.scan.linear_scan`` over channels a, b [B, T, D] (h0 [B, D] or None),
+  per (batch, channel) shard of the active mesh when ``impl`` may run a
+  Pallas kernel (``layers.kernel_op``). Returns (h [B, T, D], h_T [B, D])."""
+  seq, state = ("batch", None, "mlp"), ("batch", "mlp")
+  return layers.kernel_op(lambda a, b, h0: scan.linear_scan(a, b, h0=h0, impl=impl), impl,
+                          (seq, seq, state), (seq, state))(a, b, h0)
+
+
+def matrix_state_op(op: Callable[..., Any], impl: str, args: Sequence[jax.Array],
+                    state: jax.Array | None, **kwargs):
+  """``op(*args, initial_state=state, impl=impl, **kwargs)`` for a chunked
+  matrix-state op (``chunked_linear_attention``, ``delta_rule``): args
+  [B, T, H, ...], state [B, H, K, V] or None; per (batch, head) shard of the
+  active mesh when ``impl`` may run a Pallas kernel. Returns
+  (o [B, T, H, V], S_T [B, H, K, V])."""
+  heads = lambda x: ("batch", None, "heads") + (None,) * (x.ndim - 3)
+  state_names = ("batch", "heads", None, None)
+  run = lambda *xs: op(*xs[:-1], initial_state=xs[-1], impl=impl, **kwargs)
+  return layers.kernel_op(run, impl, [heads(x) for x in args] + [state_names],
+                          (("batch", None, "heads", None), state_names))(*args, state)
 
 
 def check_positive(cfg: Any, names: Sequence[str]) -> None:

@@ -157,28 +157,27 @@ def _gather_keys(cache: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(cache, index[:, :, None, None], axis=1)
 
 
-def _per_shard(op, q, k, v, rows: jax.Array | None, *, split_heads: bool = True,
+def _per_shard(op, q, k, v, rows: jax.Array | None, *, impl: str, split_heads: bool = True,
                single_query: bool = False) -> jax.Array:
-  """``op(q, k, v, rows)`` per (batch, head) shard of the active mesh
-  (``layers.shard_map_op``): a Pallas kernel sees whole sequences of its
-  rows and heads, and no input is gathered. q [B, T, Hq, D] (T = 1 and
-  passed to ``op`` as [B, Hq, D] when ``single_query``), k/v [B, S, Hkv, D],
-  ``rows`` [B, ...] per-row data (segment ids, lengths) or None. When the
-  tensor axis does not divide Hkv (a GQA group would span shards) each query
-  head gets its own copy of its kv head."""
+  """``op(q, k, v, rows)``, per (batch, head) shard of the active mesh when
+  ``impl`` may run a Pallas kernel (``layers.kernel_op``): the kernel sees
+  whole sequences of its rows and heads, and no input is gathered.
+  q [B, T, Hq, D] ([B, Hq, D] for ``op`` and the result when
+  ``single_query``), k/v [B, S, Hkv, D], ``rows`` [B, ...] per-row data
+  (segment ids, lengths) or None. When the tensor axis does not divide Hkv
+  (a GQA group would span shards) each query head gets its own copy of its
+  kv head."""
+  if single_query:
+    return _per_shard(lambda q, k, v, r: op(q[:, 0], k, v, r)[:, None], q[:, None], k, v,
+                      rows, impl=impl, split_heads=split_heads)[:, 0]
   heads = "heads" if split_heads else None
-  if split_heads and k.shape[2] % layers.mesh_shards("kv_heads"):
+  if (split_heads and common.may_use_kernel(impl)
+      and k.shape[2] % layers.mesh_shards("kv_heads")):
     k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
   q_names, kv_names = ("batch", None, heads, None), ("batch", None, heads and "kv_heads", None)
-
-  def fn(q, k, v, *rows_shard):
-    r = rows_shard[0] if rows_shard else None
-    return op(q[:, 0], k, v, r)[:, None] if single_query else op(q, k, v, r)
-
-  args, names = (q, k, v), (q_names, kv_names, kv_names)
-  if rows is not None:
-    args, names = args + (rows,), names + (("batch",) + (None,) * (rows.ndim - 1),)
-  return layers.shard_map_op(fn, names, q_names)(*args)
+  row_names = None if rows is None else ("batch",) + (None,) * (rows.ndim - 1)
+  return layers.kernel_op(op, impl, (q_names, kv_names, kv_names, row_names), q_names)(
+      q, k, v, rows)
 
 
 class Attention(nnx.Module):
@@ -227,10 +226,9 @@ class Attention(nnx.Module):
       idx = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
       return jax.nn.dot_product_attention(
           q, k, v, mask=attention_mask(idx, idx, segment_ids, segment_ids))
-    if not common.may_use_kernel(cfg.attention_impl):
-      return op(q, k, v, segment_ids)
     # S2 shifts half of all heads: a shard of heads cannot know which are its.
-    return _per_shard(op, q, k, v, segment_ids, split_heads=cfg.attention != "s2")
+    return _per_shard(op, q, k, v, segment_ids, impl=cfg.attention_impl,
+                      split_heads=cfg.attention != "s2")
 
   def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, *,
                train: bool = False) -> jax.Array:
@@ -298,9 +296,7 @@ class Attention(nnx.Module):
       # The valid entries (index < lengths) are a prefix: sinks, then the window.
       lengths = jnp.minimum(lengths, n) + jnp.clip(lengths - start, 0, w)
     op = lambda q, kc, vc, lengths: attention_ops.decode_attention(q, kc, vc, lengths, **kw)
-    if not common.may_use_kernel(cfg.attention_impl):
-      return op(q, kc, vc, lengths)
-    return _per_shard(op, q[:, None], kc, vc, lengths, single_query=True)[:, 0]
+    return _per_shard(op, q, kc, vc, lengths, impl=cfg.attention_impl, single_query=True)
 
 
 class Block(nnx.Module):

@@ -362,6 +362,62 @@ def test_pallas_ops_run_per_shard_inside_the_sharded_model():
   assert "train.batch_size: 6 rows do not split over the data x fsdp = 4" in r["bad_batch"]
 
 
+# The recurrent families with their scans on the Pallas (Triton, interpreted)
+# path on the same mesh: each scan sees its rows and heads (matrix state) or
+# channels (diagonal), and the logits equal the unsharded model's.
+SCAN_SHARD_MAP_SCRIPT = r"""
+import json
+import jax, jax.numpy as jnp
+from flax import nnx
+import models
+from gemkit import config as config_lib
+from gemkit import sharding
+from ops import scan
+
+seen = {}
+def spy(name, fn):
+  def wrapped(*a, **k):
+    seen.setdefault(name, set()).add(tuple(a[0].shape))
+    return fn(*a, **k)
+  return wrapped
+for name in ("linear_scan", "chunked_linear_attention", "delta_rule"):
+  setattr(scan, name, spy(name, getattr(scan, name)))
+
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+small = {"model.num_layers": 2, "model.d_model": 32, "model.mlp_dim": 64,
+         "model.num_heads": 2, "model.head_dim": 16, "model.scan_impl": "pallas_gpu"}
+tokens = jax.random.randint(jax.random.key(1), (8, 32), 0, 256)
+segments = jnp.concatenate([jnp.ones((8, 20), jnp.int32), jnp.full((8, 12), 2, jnp.int32)], 1)
+report = {}
+for name in ("gla_tiny", "deltanet_tiny", "hawk_tiny"):
+  model = models.build(config_lib.load(f"experiments/{name}.py", **small).model,
+                       rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, t, g: nnx.merge(graphdef, s)(t, g))
+  seen.clear()
+  want = forward(state, tokens, segments)
+  with sharding.activate(mesh):
+    seen.clear()
+    got = forward(jax.device_put(state, sharding.param_shardings(state, mesh)), tokens, segments)
+  report[name] = {"err": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))),
+                  "sharded": {k: sorted(v) for k, v in seen.items()}}
+print(json.dumps(report))
+"""
+
+
+def test_scans_run_per_shard_inside_the_sharded_recurrent_models():
+  out = subprocess.run([sys.executable, "-c", SCAN_SHARD_MAP_SCRIPT], cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+  assert out.returncode == 0, out.stderr[-4000:]
+  r = _last_json(out.stdout)
+  assert all(v["err"] < 1e-5 for v in r.values()), r
+  # [B, T, H, K] = [8, 32, 2, 16]: 8/4 rows, 2/2 heads per shard.
+  assert r["gla_tiny"]["sharded"] == {"chunked_linear_attention": [[2, 32, 1, 16]]}
+  assert r["deltanet_tiny"]["sharded"] == {"delta_rule": [[2, 32, 1, 16]]}
+  # RG-LRU channels [B, T, width 32]: 8/4 rows, 32/2 channels.
+  assert r["hawk_tiny"]["sharded"] == {"linear_scan": [[2, 32, 16]]}
+
+
 # --- meshes, config and start-up (no devices needed) ------------------------------
 
 
