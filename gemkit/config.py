@@ -11,6 +11,7 @@ line naming the key (:class:`ConfigError`), never as a traceback.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import os
 import pathlib
@@ -271,6 +272,21 @@ def flags_parser(argv: Sequence[str],
 def _exit(message: str) -> None:
   print(message.splitlines()[0], file=sys.stderr)
   sys.exit(2)
+
+
+def launch(run: Callable[[], Any],
+           validator: Callable[[ml_collections.ConfigDict], None] | None = None) -> None:
+  """A launcher's entry point: ``app.run`` with :func:`flags_parser` (one-line
+  flag and config errors, exit 2), then ``run()`` under :func:`run_guarded`,
+  with absl logging at WARNING (orbax logs every save at INFO)."""
+  from absl import app, logging  # pylint: disable=g-import-not-at-top
+
+  def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    run_guarded(run)
+
+  app.run(main, flags_parser=functools.partial(flags_parser, validator=validator))
 
 
 def run_guarded(main: Callable[[], Any]) -> Any:

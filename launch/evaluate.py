@@ -15,10 +15,9 @@ Writes a JSON report (every number and its settings), PNG plots, and prints a
 Markdown table.
 """
 
-import functools
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import evaluate
@@ -79,12 +78,5 @@ def _run():
   print(f"report: {output}" + (f"\nplots: {', '.join(map(str, plots))}" if plots else ""))
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  config_lib.run_guarded(_run)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=functools.partial(config_lib.flags_parser,
-                                               validator=evaluate.validate_config))
+  config_lib.launch(_run, validator=evaluate.validate_config)

@@ -14,10 +14,9 @@ trainable parameters, optimizer-state and frozen bytes, XLA step peak memory,
 step time) and writes the report as JSON (and Markdown next to it).
 """
 
-import functools
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import finetune
@@ -28,27 +27,20 @@ _JSON = flags.DEFINE_string("json", None, "Report path (default: <workdir>/finet
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Restart methods whose run directories exist.")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-
-  def run():
-    cfg = _CONFIG.value
-    workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
-    report = finetune.run(cfg, workdir, overwrite=_OVERWRITE.value,
-                          log=lambda line: print(line, flush=True))
-    path = finetune.write_json(report, _JSON.value or workdir / "finetune.json")
-    table = finetune.markdown_table(report)
-    path.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    for name, t in report["targets"].items():
-      value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-      print(f"{name}: {value} {'met' if t['met'] else 'NOT met'}")
-    print(f"{report['machine']}; JSON: {path}")
-
-  config_lib.run_guarded(run)
+def _run():
+  cfg = _CONFIG.value
+  workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
+  report = finetune.run(cfg, workdir, overwrite=_OVERWRITE.value,
+                        log=lambda line: print(line, flush=True))
+  path = finetune.write_json(report, _JSON.value or workdir / "finetune.json")
+  table = finetune.markdown_table(report)
+  path.with_suffix(".md").write_text(table + "\n")
+  print(table)
+  for name, t in report["targets"].items():
+    value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+    print(f"{name}: {value} {'met' if t['met'] else 'NOT met'}")
+  print(f"{report['machine']}; JSON: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=functools.partial(config_lib.flags_parser,
-                                               validator=finetune.validate_config))
+  config_lib.launch(_run, validator=finetune.validate_config)

@@ -4,7 +4,7 @@
       --max_new_tokens=200 --temperature=0.8 --top_k=40 --top_p=0.95
 """
 
-from absl import app, flags, logging
+from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import runs, sample
@@ -21,20 +21,14 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1: all).", lower_bound=
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-
-  def run():
-    model, _ = runs.load(_WORKDIR.value, _STEP.value)
-    texts = sample.generate(model, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
-                            temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                            top_p=_TOP_P.value, seed=_SEED.value)
-    for prompt, text in zip(_PROMPT.value, texts):
-      print(f"{prompt}{text}\n{'-' * 40}")
-
-  config_lib.run_guarded(run)
+def _run():
+  model, _ = runs.load(_WORKDIR.value, _STEP.value)
+  texts = sample.generate(model, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
+                          temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                          top_p=_TOP_P.value, seed=_SEED.value)
+  for prompt, text in zip(_PROMPT.value, texts):
+    print(f"{prompt}{text}\n{'-' * 40}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.flags_parser)
+  config_lib.launch(_run)

@@ -11,7 +11,7 @@ on disk, held-out bits-per-byte and its change vs float; writes it as JSON.
 Format specs: gemkit/quantize.py.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import quantize
@@ -36,24 +36,18 @@ _SAVE = flags.DEFINE_bool("save", True, "Write the quantized run directories.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output checkpoints.")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-
-  def run():
-    result = quantize.quantize_run(
-        _WORKDIR.value, _FORMATS.value, out_dir=_OUT_DIR.value, step=_STEP.value,
-        keep_float=_KEEP_FLOAT.value, eval_windows=_EVAL_WINDOWS.value,
-        batch_size=_BATCH.value, impl=_IMPL.value, save=_SAVE.value,
-        overwrite=_OVERWRITE.value,
-        log=lambda line: print(line, flush=True))
-    path = quantize.write_json(result, _JSON.value or f"{result['out_dir']}/quantize.json")
-    ev = result["eval"]
-    print(f"{result['source']} step {result['step']} on {result['machine']}; held-out bpb over "
-          f"{ev['windows']} windows of {ev['seq_len']}; JSON: {path}")
-
-  config_lib.run_guarded(run)
+def _run():
+  result = quantize.quantize_run(
+      _WORKDIR.value, _FORMATS.value, out_dir=_OUT_DIR.value, step=_STEP.value,
+      keep_float=_KEEP_FLOAT.value, eval_windows=_EVAL_WINDOWS.value,
+      batch_size=_BATCH.value, impl=_IMPL.value, save=_SAVE.value,
+      overwrite=_OVERWRITE.value,
+      log=lambda line: print(line, flush=True))
+  path = quantize.write_json(result, _JSON.value or f"{result['out_dir']}/quantize.json")
+  ev = result["eval"]
+  print(f"{result['source']} step {result['step']} on {result['machine']}; held-out bpb over "
+        f"{ev['windows']} windows of {ev['seq_len']}; JSON: {path}")
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.flags_parser)
+  config_lib.launch(_run)

@@ -10,7 +10,6 @@ length and at each test length) and writes the rows as JSON (default
 runs/<config.name>/results.json).
 """
 
-import functools
 import json
 import os
 import pathlib
@@ -19,7 +18,7 @@ import sys
 import time
 
 import jax
-from absl import app, flags, logging
+from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import state_tracking
@@ -45,12 +44,5 @@ def _run():
   print(f"total {elapsed / 60:.1f} min; results: {output}")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  config_lib.run_guarded(_run)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=functools.partial(config_lib.flags_parser,
-                                               validator=state_tracking.validate))
+  config_lib.launch(_run, validator=state_tracking.validate)

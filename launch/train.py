@@ -9,7 +9,7 @@ On a TPU pod, under SLURM or across GPU hosts, run the same command on every
 worker (see launch/README.md); SIGTERM saves a checkpoint and exits with 0.
 """
 
-from absl import app, flags, logging
+from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import runs
@@ -27,16 +27,10 @@ _PROCESS_ID = flags.DEFINE_integer(
     "or detected).")
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-
-  def train():
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    return runs.train(_CONFIG.value, _WORKDIR.value)
-
-  config_lib.run_guarded(train)
+def _train():
+  sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  return runs.train(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=config_lib.flags_parser)
+  config_lib.launch(_train)
