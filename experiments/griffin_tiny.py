@@ -33,7 +33,9 @@ def griffin_model(block_pattern: str) -> ml_collections.ConfigDict:
   m.dtype = "float32"
   m.param_dtype = "float32"
   m.remat = False
-  m.scan_impl = "auto"
+  m.scan_impl = "auto"              # ops.scan impl: auto | xla | pallas_tpu | pallas_gpu
+  m.block_size = 128                # local attention block (ops.attention)
+  m.attention_impl = "auto"
   return m
 
 

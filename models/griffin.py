@@ -79,10 +79,13 @@ class GriffinConfig:
   param_dtype: str = "float32"
   remat: bool = False
   scan_impl: str = "auto"
+  block_size: int = 128               # local attention's block (ops.attention)
+  attention_impl: str = "auto"
 
   def __post_init__(self):
     recurrent.check_positive(self, ("vocab_size", "num_layers", "d_model", "num_heads",
-                                    "num_kv_heads", "head_dim", "conv_width", "window"))
+                                    "num_kv_heads", "head_dim", "conv_width", "window",
+                                    "block_size"))
     if self.mlp_dim < 0 or self.lru_width < 0:
       raise ValueError(f"mlp_dim and lru_width must be >= 0, got {self.mlp_dim}, "
                        f"{self.lru_width}")
@@ -109,7 +112,8 @@ class GriffinConfig:
         vocab_size=self.vocab_size, num_layers=self.num_layers, d_model=self.d_model,
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, rope_theta=self.rope_theta, attention="sliding",
-        window=self.window, dtype=self.dtype, param_dtype=self.param_dtype)
+        window=self.window, block_size=self.block_size, attention_impl=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype)
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "GriffinConfig":
