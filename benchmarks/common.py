@@ -45,5 +45,5 @@ def write_json(result: Any, name: str, out: str | None = None) -> str:
   out = out or os.path.join(RESULTS, f"{name}_{machine()}.json")
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+    json.dump(result, f, indent=1, default=str)
   return out

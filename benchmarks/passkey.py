@@ -43,8 +43,6 @@ import functools
 import json
 import os
 import pickle
-import platform
-import re
 import statistics
 import sys
 import time
@@ -58,6 +56,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import models  # noqa: E402
+from benchmarks import common  # noqa: E402
 from gemkit import config as config_lib  # noqa: E402
 from gemkit import data as data_lib  # noqa: E402
 from gemkit import optim  # noqa: E402
@@ -181,12 +180,6 @@ def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
   return row
 
 
-def _machine() -> str:
-  if jax.default_backend() == "cpu":
-    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
-  return re.sub(r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-")
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="experiments/passkey.py")
@@ -202,7 +195,7 @@ def main(argv=None):
     config = config_lib.load(args.config, **dict(s.split("=", 1) for s in args.set))
   except config_lib.ConfigError as e:
     parser.error(str(e))
-  machine = _machine()
+  machine = common.machine()
   log = functools.partial(print, flush=True)
   log(f"# {machine} ({jax.default_backend()}), jax {jax.__version__}, load average "
       f"{os.getloadavg()[0]:.1f} at start; {config.train.steps} steps x "
@@ -245,15 +238,10 @@ def main(argv=None):
         + " ".join(f"{r['eval'][n]['acc']:>9.2f} {r['eval'][n]['first']:>10.2f} "
                    f"{r['eval'][n]['gen']:>9.2f}" for n in lens)
         + "  " + " ".join(f"{a:.2f}" for a in r["eval"][lens[-1]]["first_by_depth_quarter"]))
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"passkey_{machine}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
   meta = dict(machine=machine, backend=jax.default_backend(), jax=jax.__version__,
               argv=sys.argv[1:], config=config.to_dict(), pretrain=pretrain,
               load_average_end=os.getloadavg()[0])
-  with open(out, "w") as f:
-    json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
-  log(f"# wrote {out}")
+  log(f"# wrote {common.write_json(dict(meta=meta, rows=rows), 'passkey', args.out)}")
 
 
 if __name__ == "__main__":

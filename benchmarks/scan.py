@@ -34,34 +34,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
-import re
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from ops import scan  # noqa: E402  pylint: disable=g-import-not-at-top
 from ops.scan import reference  # noqa: E402  pylint: disable=g-import-not-at-top
 
-KERNEL_IMPL = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}
 CPU_SECTIONS = ("chunked", "scaling", "linear_scan")
-
-
-def _time_ms(fn, *args, iters: int) -> tuple[float, float]:
-  """(median, min) ms over ``iters`` calls after a compile-and-warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times), min(times)
 
 
 def _attn_inputs(b, t, h, k, v, decay, dtype=jnp.float32, seed=0):
@@ -101,8 +86,8 @@ def section_chunked(args, rows):
     base = None
     for name, attend in (("sequential lax.scan (autodiff)", _sequential),
                          ("chunked xla", _chunked())):
-      fwd = _time_ms(_forward(attend), *x, iters=args.iters)
-      step = _time_ms(_train_step(attend), *x, iters=args.iters)
+      fwd = common.time_ms(_forward(attend), *x, iters=args.iters)
+      step = common.time_ms(_train_step(attend), *x, iters=args.iters)
       base = base or step[0]
       rows.append(dict(section="chunked", decay=decay, path=name, B=2,
                        T=args.t, H=4, K=128, V=128, fwd_ms=fwd[0],
@@ -115,7 +100,7 @@ def section_scaling(args, rows):
   base = None
   for t in args.scaling_t:
     x = _attn_inputs(2, t, 4, 128, 128, "head")
-    med, low = _time_ms(_train_step(_chunked()), *x, iters=args.iters)
+    med, low = common.time_ms(_train_step(_chunked()), *x, iters=args.iters)
     base = base or med / t
     rows.append(dict(section="scaling", decay="head", path="chunked xla", B=2,
                      T=t, H=4, K=128, V=128, fwd_bwd_ms=med,
@@ -142,8 +127,8 @@ def section_linear_scan(args, rows):
   a, b = _scan_inputs(2, 4096, 1024)
   for method in ("sequential", "associative"):
     fwd, step = _scan_fns(impl="xla", xla_method=method)
-    f = _time_ms(fwd, a, b, iters=args.iters)
-    s = _time_ms(step, a, b, iters=args.iters)
+    f = common.time_ms(fwd, a, b, iters=args.iters)
+    s = common.time_ms(step, a, b, iters=args.iters)
     rows.append(dict(section="linear_scan", path=f"xla {method}", B=2, T=4096,
                      D=1024, fwd_ms=f[0], fwd_min_ms=f[1], fwd_bwd_ms=s[0],
                      fwd_bwd_min_ms=s[1]))
@@ -153,23 +138,23 @@ def section_linear_scan(args, rows):
 def measure_copy_gbps(iters: int, mbytes: int = 512) -> float:
   """GB/s of an out-of-place float32 x + 1 over ``mbytes`` MiB (read + write)."""
   x = jnp.ones((mbytes * 2**20 // 4,), jnp.float32)
-  _, ms = _time_ms(jax.jit(lambda x: x + 1), x, iters=max(5, iters))
+  _, ms = common.time_ms(jax.jit(lambda x: x + 1), x, iters=max(5, iters))
   return 2 * x.nbytes / ms / 1e6
 
 
 def section_accel(args, rows):
-  kernel = KERNEL_IMPL[jax.default_backend()]
+  kernel = common.KERNEL_IMPL[jax.default_backend()]
   peak = measure_copy_gbps(args.iters)
   a, b = _scan_inputs(8, 4096, 2560)
   moved = 3 * a.nbytes                                  # read a, b; write h
   for impl in ("xla", kernel):
     fwd, step = _scan_fns(impl=impl)
-    med, low = _time_ms(fwd, a, b, iters=args.iters)
+    med, low = common.time_ms(fwd, a, b, iters=args.iters)
     gbps = moved / med / 1e6
     rows.append(dict(section="accel", op="linear_scan", path=impl, B=8, T=4096,
                      D=2560, fwd_ms=med, fwd_min_ms=low, gbps=gbps,
                      copy_gbps=peak, pct_of_copy=100 * gbps / peak,
-                     fwd_bwd_ms=_time_ms(step, a, b, iters=args.iters)[0]))
+                     fwd_bwd_ms=common.time_ms(step, a, b, iters=args.iters)[0]))
     _print_row(rows[-1])
   q, k, v, g, w = _attn_inputs(1, 8192, 16, 128, 128, "head", jnp.bfloat16)
 
@@ -181,7 +166,7 @@ def section_accel(args, rows):
   for name, attend in (("dot_product_attention causal", sdpa),
                        ("chunked xla", _chunked()),
                        (f"chunked {kernel}", _chunked(kernel))):
-    med, low = _time_ms(_train_step(attend), q, k, v, g, w, iters=args.iters)
+    med, low = common.time_ms(_train_step(attend), q, k, v, g, w, iters=args.iters)
     base = base or med
     rows.append(dict(section="accel", op="chunked_linear_attention",
                      path=name, B=1, T=8192, H=16, K=128, V=128,
@@ -213,14 +198,6 @@ def print_tables(rows):
       print("  ".join(x.rjust(w) for x, w in zip(line, widths)))
 
 
-def _machine() -> str:
-  """e.g. "cpu-2core-x86_64" or "nvidia-h100-80gb-hbm3"."""
-  if jax.default_backend() == "cpu":
-    return f"cpu-{os.cpu_count()}core-{platform.machine()}"
-  return re.sub(r"[^a-z0-9]+", "-",
-                jax.devices()[0].device_kind.lower()).strip("-")
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--sections", default=None,
@@ -246,14 +223,9 @@ def main(argv=None):
   for name in sections:
     SECTIONS[name](args, rows)
   print_tables(rows)
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                 "results", f"scan_{_machine()}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(dict(jax=jax.__version__, backend=jax.default_backend(),
-                   device_kind=jax.devices()[0].device_kind,
-                   command=" ".join(sys.argv), rows=rows), f, indent=1)
-  print(f"wrote {out}")
+  result = dict(jax=jax.__version__, backend=jax.default_backend(),
+                device_kind=jax.devices()[0].device_kind, command=" ".join(sys.argv), rows=rows)
+  print(f"wrote {common.write_json(result, 'scan', args.out)}")
 
 
 if __name__ == "__main__":
