@@ -286,19 +286,14 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(setup):
   assert t.skipped_steps == 3
 
 
-# A transformer whose attention and two quantized MLP projections take the
-# Pallas (Triton, interpreted) path, on a 2x2x2 mesh: every kernel call must
-# see its shard (rows over data x fsdp, heads and MLP columns over tensor),
-# and the logits and a decode step must equal the unsharded model's.
-SHARD_MAP_SCRIPT = r"""
+# The per-shard scripts below: ``spy(name, fn)`` records the shape of the
+# first argument of every call of an op in ``seen[name]``.
+SPY_PRELUDE = r"""
 import json
 import jax, jax.numpy as jnp
 from flax import nnx
 import models
-from models import layers
 from gemkit import sharding
-from ops import attention, quant
-from tests.helpers import tiny_config
 
 seen = {}
 def spy(name, fn):
@@ -306,6 +301,18 @@ def spy(name, fn):
     seen.setdefault(name, set()).add(tuple(a[0].shape))
     return fn(*a, **k)
   return wrapped
+"""
+
+
+# A transformer whose attention and two quantized MLP projections take the
+# Pallas (Triton, interpreted) path, on a 2x2x2 mesh: every kernel call must
+# see its shard (rows over data x fsdp, heads and MLP columns over tensor),
+# and the logits and a decode step must equal the unsharded model's.
+SHARD_MAP_SCRIPT = SPY_PRELUDE + r"""
+from models import layers
+from ops import attention, quant
+from tests.helpers import tiny_config
+
 attention.block_sparse_attention = spy("attention", attention.block_sparse_attention)
 attention.decode_attention = spy("decode", attention.decode_attention)
 layers.quant.quantized_matmul = spy("matmul", quant.quantized_matmul)
@@ -365,21 +372,10 @@ def test_pallas_ops_run_per_shard_inside_the_sharded_model():
 # The recurrent families with their scans on the Pallas (Triton, interpreted)
 # path on the same mesh: each scan sees its rows and heads (matrix state) or
 # channels (diagonal), and the logits equal the unsharded model's.
-SCAN_SHARD_MAP_SCRIPT = r"""
-import json
-import jax, jax.numpy as jnp
-from flax import nnx
-import models
+SCAN_SHARD_MAP_SCRIPT = SPY_PRELUDE + r"""
 from gemkit import config as config_lib
-from gemkit import sharding
 from ops import scan
 
-seen = {}
-def spy(name, fn):
-  def wrapped(*a, **k):
-    seen.setdefault(name, set()).add(tuple(a[0].shape))
-    return fn(*a, **k)
-  return wrapped
 for name in ("linear_scan", "chunked_linear_attention", "delta_rule"):
   setattr(scan, name, spy(name, getattr(scan, name)))
 
