@@ -182,7 +182,7 @@ def test_sigterm_on_one_process_stops_both_at_the_same_saved_step(two_processes)
   step = stopped.pop()
   assert 5 <= step < 303 and results[0]["latest"] == step
   checkpoints = workdir / "checkpoints"
-  assert sorted(p.name for p in checkpoints.iterdir()) == ["3", str(step)]  # no partial dirs
+  assert {p.name for p in checkpoints.iterdir()} == {"3", str(step)}      # no partial dirs
   assert (checkpoints / str(step) / "data" / "process_1-of-2.json").exists()
 
 
