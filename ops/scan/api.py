@@ -487,12 +487,15 @@ def chunked_linear_attention(
 
   Chunked algorithm (see ``reference``): within a chunk a causal,
   decay-weighted quadratic form, across chunks the [K, V] state. All decay
-  exponents are differences G_i - G_j <= 0 (log space), so strong decays are
-  safe. For the per-key decay the XLA path builds the scores by recursive
-  halving and the kernels step the state through sub-chunks of
+  exponents are differences G_i - G_j <= 0 (log space) or, on the XLA
+  per-key one-matmul branch, bounded by 60, so strong decays are safe. For
+  the per-key decay the XLA path builds the scores with one
+  matmul through each chunk's middle row while the decay spans at most 60
+  around it (``reference.ONE_MATMUL_SPAN``), else by recursive halving, and
+  the kernels step the state through sub-chunks of
   ``block_sizes.sub_chunk`` tokens. Pallas paths (forward and backward
   kernels) are wrapped in a ``custom_vjp``; the XLA path is differentiated
-  by JAX.
+  by JAX (its per-key scores through a small ``custom_vjp``).
 
   Args:
     q, k: [B, T, H, K]. v: [B, T, H, V].

@@ -25,13 +25,18 @@ state entering the chunk:
 Every exponent that is evaluated is a difference G_i - G_j with j <= i (or a
 G_i itself), so it is <= 0 for decays in (0, 1]: strong decays underflow to 0
 instead of overflowing (no exp(-G) factorisation). For the per-key-dim (GLA)
-decay exp(G_id - G_jd) does not factor out of the q.k sum, so the scores are
-built in pieces where it does factor through a row r with j <= r <= i, in
-the spirit of the secondary chunking of Yang et al. 2024 ("Gated Linear
-Attention Transformers with Hardware-Efficient Training", sec. 4): the XLA
-path halves the chunk recursively (``_intra_scores``); the kernels step the
-state through sub-chunks of 16 tokens and evaluate each sub-chunk's scores
-element-wise in log space ([16, 16, K], ``pair_decay``).
+decay exp(G_id - G_jd) does not factor out of the q.k sum. The XLA path
+(``_intra_scores``) factors it through each chunk's middle row r, one
+matmul, when every |G - G_r| in the batch is <= ``ONE_MATMUL_SPAN`` (60:
+both factors stay far from float32 overflow and subnormals; the one
+exception to the rule above); otherwise it builds the scores in pieces
+where it factors through a row r with j <= r <= i, in the spirit of the
+secondary chunking of Yang et al. 2024 ("Gated Linear Attention
+Transformers with Hardware-Efficient Training", sec. 4), by halving the
+chunk recursively. (Their two-level form, sub-chunks of 16 with [16, 16, K]
+diagonal blocks, measured 4x slower than the halving on a 2-core CPU.) The
+kernels step the state through sub-chunks of 16 tokens and evaluate each
+sub-chunk's scores element-wise in log space ([16, 16, K], ``pair_decay``).
 
 The per-chunk functions below that take 2-D tiles (``chunk_forward``,
 ``chunk_backward``, ``delta_chunk_forward``) are also the bodies of the Pallas
@@ -370,21 +375,34 @@ def _from_chunks(x: Array) -> Array:
   return jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(bsz, n * c, h, f)
 
 
-def _intra_scores(q, k, g):
-  """Causal decay-weighted scores [..., C, C] of every chunk.
+# Largest |G_i - G_r| (r: a chunk's middle row) for which the per-key scores
+# are one matmul: exp(60) ~ 1e26 stays far from float32 overflow, exp(-60)
+# far from its subnormals.
+ONE_MATMUL_SPAN = 60.0
 
-  Per-head decay: (q k^T) * exp(G_i - G_j). Per-key decay, by recursive
-  halving: the diagonal is q_i . k_i; every other pair j < i lies in the
-  lower-left b x b block of exactly one aligned 2b-block (b = C/2, ..., 1),
-  where exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with r the block's
-  middle row, both exponents <= 0: one batched matmul of decayed q and k per
-  level. log2(C) levels of about C K exps each, no [C, C, K] tensor. A chunk
-  that is not a power of 2 is padded (zero q, k; G repeated, so exponents
-  stay <= 0) and cropped.
+
+def _scores_one_matmul(q, k, g):
+  """Per-key scores through the chunk's middle row r, as one matmul:
+  (q_i * exp(G_i - G_r)) . (k_j * exp(G_r - G_j)), masked to j <= i. Exact,
+  and finite while every |G - G_r| <= ``ONE_MATMUL_SPAN``; G_r carries no
+  gradient (the product does not depend on it)."""
+  g_ref = lax.stop_gradient(g[..., g.shape[-2] // 2:g.shape[-2] // 2 + 1, :])
+  scores = jnp.einsum("...ik,...jk->...ij", q * jnp.exp(g - g_ref),
+                      k * jnp.exp(g_ref - g))
+  return jnp.where(_causal(q.shape[-2]), scores, 0.0)
+
+
+def _scores_halving(q, k, g):
+  """Per-key scores by recursive halving, safe for any decay.
+
+  The diagonal is q_i . k_i; every other pair j < i lies in the lower-left
+  b x b block of exactly one aligned 2b-block (b = C/2, ..., 1), where
+  exp(G_i - G_j) = exp(G_i - G_r) exp(G_r - G_j) with r the block's middle
+  row, both exponents <= 0: one batched matmul of decayed q and k per level.
+  log2(C) levels of about C K exps each, no [C, C, K] tensor. A chunk that
+  is not a power of 2 is padded (zero q, k; G repeated, so exponents stay
+  <= 0) and cropped.
   """
-  if g.shape[-1] == 1:
-    return (jnp.einsum("...ik,...jk->...ij", q, k)
-            * decay_matrix(g, jnp.swapaxes(g, -1, -2)))
   *lead, c, _ = q.shape
   cp = 1 << (c - 1).bit_length()
   if cp != c:
@@ -405,6 +423,59 @@ def _intra_scores(q, k, g):
                            jnp.eye(p, dtype=q.dtype), lower_left).reshape(out.shape)
     b //= 2
   return out[..., :c, :c]
+
+
+def _one_matmul_ok(g: Array) -> Array:
+  """Whether every |G - G_r| <= ``ONE_MATMUL_SPAN`` (r: each chunk's middle row)."""
+  mid = g.shape[-2] // 2
+  return jnp.max(jnp.abs(g - g[..., mid:mid + 1, :])) <= ONE_MATMUL_SPAN
+
+
+@jax.custom_vjp
+def _per_key_scores(q, k, g):
+  """``_scores_one_matmul`` where ``_one_matmul_ok``, else ``_scores_halving``.
+
+  A ``lax.cond`` on the whole batch in the forward pass and another in the
+  custom VJP (which recomputes the chosen branch's forward), so only one
+  branch runs either way (both under vmap); differentiating through one
+  cond would carry both branches' residuals.
+  """
+  return lax.cond(_one_matmul_ok(g), _scores_one_matmul, _scores_halving,
+                  q, k, g)
+
+
+def _per_key_scores_fwd(q, k, g):
+  ok = _one_matmul_ok(g)
+  return (lax.cond(ok, _scores_one_matmul, _scores_halving, q, k, g),
+          (q, k, g, ok))
+
+
+def _per_key_scores_bwd(res, ct):
+  q, k, g, ok = res
+
+  def vjp(scores):
+    return lambda *args: jax.vjp(scores, *args[:3])[1](args[3])
+
+  return lax.cond(ok, vjp(_scores_one_matmul), vjp(_scores_halving),
+                  q, k, g, ct)
+
+
+_per_key_scores.defvjp(_per_key_scores_fwd, _per_key_scores_bwd)
+
+
+def _intra_scores(q, k, g):
+  """Causal decay-weighted scores [..., C, C] of every chunk.
+
+  Per-head decay: (q k^T) * exp(G_i - G_j). Per-key decay: one matmul
+  through each chunk's middle row (``_scores_one_matmul``) when the decay
+  spans at most ``ONE_MATMUL_SPAN`` around it in every chunk of the batch
+  (weak and moderate decays, e.g. up to one reset per chunk), else recursive
+  halving (``_scores_halving``: strong decays); see ``_per_key_scores``.
+  """
+  if g.shape[-1] == 1:
+    return (jnp.einsum("...ik,...jk->...ij", q, k)
+            * decay_matrix(g, jnp.swapaxes(g, -1, -2)))
+  return _per_key_scores(q, k, g)
 
 
 def _chunk_states(decay: Array, local: Array, s0: Array) -> tuple[Array, Array]:

@@ -94,10 +94,28 @@ def test_quadratic_reference_is_the_recurrence(kind):
     ((2, 63, 2, 128, 60), ("key", "strong")),
     ((1, 100, 2, 60, 128), ("head", "strong")),
     pytest.param((1, 100, 1, 60, 40), None, marks=pytest.mark.slow),
-    pytest.param((1, 63, 2, 60, 40), ("key", "weak"), marks=pytest.mark.slow),
+    ((1, 63, 2, 60, 40), ("key", "weak")),
 ], ids=str)
 def test_attention_xla_matches_float64(shape, decay):
   _check_attn(shape, decay, impl="xla")
+
+
+@pytest.mark.parametrize("resets,one_matmul", [((20,), True),
+                                               ((10, 20, 80), False)])
+def test_attention_xla_per_key_branches(resets, one_matmul):
+  """Per-key scores: one matmul while the decay spans <= ONE_MATMUL_SPAN
+  around each chunk's middle (weak decay plus one reset of -30 per chunk),
+  recursive halving beyond (two resets in a chunk); both match float64."""
+  rng = np.random.default_rng(6)
+  q, k, v, g, s0 = _attn_inputs(rng, (1, 100, 2, 60, 40), ("key", "weak"))
+  g = g.at[:, list(resets)].add(-30.0)
+  chunks = jnp.cumsum(jnp.pad(g, ((0, 0), (0, 28), (0, 0), (0, 0))).reshape(
+      1, 2, 64, 2, 60), axis=2)
+  assert bool(ref._one_matmul_ok(jnp.moveaxis(chunks, 2, -2))) == one_matmul
+  args = (q, k, v, g, s0)
+  fn = _attn_fn(impl="xla")
+  assert_vjp_matches(fn, _attn_reference, args, cotangents(rng, fn, args),
+                     ATTN_NAMES, TOL["float32"])
 
 
 def test_attention_xla_chunk_not_a_power_of_two():
