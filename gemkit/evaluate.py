@@ -591,21 +591,6 @@ def markdown_table(rows: Sequence[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_json(report: dict, path: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
-  return path
-
-
-def _json_default(x):
-  if isinstance(x, (np.integer, np.floating, np.bool_)):
-    return x.item()
-  if isinstance(x, (tuple, np.ndarray)):
-    return list(x)
-  return str(x)
-
-
 # --- plots -------------------------------------------------------------------------------
 
 # task -> (x setting, series setting, metric, x label)

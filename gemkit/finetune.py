@@ -61,6 +61,7 @@ from flax import nnx
 
 from gemkit import data as data_lib
 from gemkit import lora
+from gemkit import metrics
 from gemkit import quantize
 from gemkit import sample as sample_lib
 from gemkit import synthetic
@@ -86,26 +87,15 @@ def arithmetic_examples(task: synthetic.Arithmetic, seed: int, n: int,
 
 def jsonl_examples(path: str, key: str = "task.path") -> list[data_lib.Completion]:
   """``{"prompt": str, "completion": str}`` lines; errors name the file and line."""
-  p = pathlib.Path(path)
-  if not p.is_file():
-    raise ConfigError(key, f"no such file: {path!r}")
   out = []
-  with open(p, "rb") as f:
-    for lineno, raw in enumerate(f, 1):
-      if not raw.strip():
-        continue
-      where = f"{p}:{lineno}"
-      try:
-        record = json.loads(raw.decode("utf-8"))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(key, f"{where}: not a JSON line ({e})") from None
-      if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
-              and isinstance(record.get("completion"), str) and record["completion"]):
-        raise ConfigError(key, f"{where}: needs string fields 'prompt' and 'completion' "
-                          "(non-empty)")
-      out.append(data_lib.Completion.from_text(record["prompt"], record["completion"]))
+  for where, record in data_lib.jsonl_records(path, key):
+    if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+            and isinstance(record.get("completion"), str) and record["completion"]):
+      raise ConfigError(key, f"{where}: needs string fields 'prompt' and 'completion' "
+                        "(non-empty)")
+    out.append(data_lib.Completion.from_text(record["prompt"], record["completion"]))
   if not out:
-    raise ConfigError(key, f"{p} holds no examples")
+    raise ConfigError(key, f"{path} holds no examples")
   return out
 
 
@@ -530,14 +520,7 @@ _HEADS = ("method", "EM", "loss", "vs full", "trainable", "% all", "opt B", "fro
 
 def format_row(row: dict, header: bool = False) -> str:
   """One line of the console table (the header line first if asked)."""
-  cells = [fmt.format(row[key]) if row.get(key) is not None else " " * width
-           for key, fmt, width in _COLUMNS]
-  line = "  ".join(cells)
-  if not header:
-    return line
-  heads = "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
-                    for i, (h, (_, _, w)) in enumerate(zip(_HEADS, _COLUMNS)))
-  return heads + "\n" + line
+  return metrics.table_row(row, _COLUMNS, _HEADS if header else None)
 
 
 def markdown_table(report: dict) -> str:
@@ -559,8 +542,3 @@ def markdown_table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def write_json(report: dict, path: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-  return path

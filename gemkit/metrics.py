@@ -15,12 +15,45 @@ import sys
 import time
 from typing import Any, Iterable, Sequence, TextIO
 
+import numpy as np
+
 # Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor figures).
 PEAK_FLOPS = {
     "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
     "TPU v6 lite": 918e12, "TPU v6e": 918e12,
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12,
 }
+
+
+def table_row(row: dict, columns: Sequence[tuple[str, str, int]],
+              heads: Sequence[str] | None = None) -> str:
+  """One fixed-width console line of ``row``: per ``(key, format, width)`` of
+  ``columns`` the formatted value (blank when missing or None); with ``heads``
+  the header line first (the first column left-aligned, the rest right)."""
+  line = "  ".join(fmt.format(row[key]) if row.get(key) is not None else " " * width
+                   for key, fmt, width in columns)
+  if heads is None:
+    return line
+  head = "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                   for i, (h, (_, _, w)) in enumerate(zip(heads, columns)))
+  return head + "\n" + line
+
+
+def _json_value(x: Any) -> Any:
+  """NumPy scalars as Python numbers, arrays and tuples as lists, the rest as str."""
+  if isinstance(x, (np.integer, np.floating, np.bool_)):
+    return x.item()
+  if isinstance(x, (tuple, np.ndarray)):
+    return list(x)
+  return str(x)
+
+
+def write_json(report: Any, path: str | pathlib.Path) -> pathlib.Path:
+  """Writes a report (NumPy values included) as indented JSON; returns the path."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(report, indent=1, default=_json_value) + "\n")
+  return path
 
 
 def format_duration(seconds: float) -> str:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -53,6 +52,7 @@ from flax import nnx
 
 from gemkit import checkpoint as ckpt_lib
 from gemkit import data as data_lib
+from gemkit import metrics
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
 from models import layers
@@ -431,22 +431,11 @@ _HEADS = ("format", "layers", "dense B", "x bf16", "disk B", "w_err", "bpb", "d_
 
 def format_row(row: dict, header: bool = False) -> str:
   """One table line of a ``quantize_run`` row (with the header line first if asked)."""
-  cells = [fmt.format(row[key]) if key in row else " " * width
-           for key, fmt, width in _COLUMNS]
-  line = "  ".join(cells)
-  if not header:
-    return line
-  heads = "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
-                    for i, (h, (_, _, w)) in enumerate(zip(_HEADS, _COLUMNS)))
-  return heads + "\n" + line
+  return metrics.table_row(row, _COLUMNS, _HEADS if header else None)
 
 
 def format_table(result: dict) -> str:
+  """The rows of a ``quantize_run`` result as the console table."""
   return "\n".join(format_row(r, header=i == 0) for i, r in enumerate(result["rows"]))
 
 
-def write_json(result: dict, path: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(result, indent=2) + "\n")
-  return path

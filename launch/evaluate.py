@@ -20,6 +20,7 @@ import pathlib
 from absl import flags
 
 from gemkit import config as config_lib
+from gemkit import metrics
 from gemkit import evaluate
 
 _CONFIG = config_lib.define_config_flag(evaluate.DEFAULT_EVAL_CONFIG)
@@ -60,7 +61,7 @@ def _run():
         max_examples=_MAX_EXAMPLES.value)
   s = report["settings"]
   eval_dir = pathlib.Path(s["workdir"]) / "eval"
-  output = evaluate.write_json(report, _OUTPUT.value or eval_dir / f"step_{s['step']}.json")
+  output = metrics.write_json(report, _OUTPUT.value or eval_dir / f"step_{s['step']}.json")
   plots_dir = eval_dir / "plots" if _PLOTS_DIR.value is None else _PLOTS_DIR.value
   plots = evaluate.write_plots(report, plots_dir, report.get("bpb_variants", ())) \
       if plots_dir else []

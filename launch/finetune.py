@@ -19,6 +19,7 @@ import pathlib
 from absl import flags
 
 from gemkit import config as config_lib
+from gemkit import metrics
 from gemkit import finetune
 
 _CONFIG = config_lib.define_config_flag("experiments/finetune_arithmetic.py")
@@ -32,7 +33,7 @@ def _run():
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
   report = finetune.run(cfg, workdir, overwrite=_OVERWRITE.value,
                         log=lambda line: print(line, flush=True))
-  path = finetune.write_json(report, _JSON.value or workdir / "finetune.json")
+  path = metrics.write_json(report, _JSON.value or workdir / "finetune.json")
   table = finetune.markdown_table(report)
   path.with_suffix(".md").write_text(table + "\n")
   print(table)

@@ -14,6 +14,7 @@ Format specs: gemkit/quantize.py.
 from absl import flags
 
 from gemkit import config as config_lib
+from gemkit import metrics
 from gemkit import quantize
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lm_tiny", "Trained run directory to quantize.")
@@ -43,7 +44,7 @@ def _run():
       batch_size=_BATCH.value, impl=_IMPL.value, save=_SAVE.value,
       overwrite=_OVERWRITE.value,
       log=lambda line: print(line, flush=True))
-  path = quantize.write_json(result, _JSON.value or f"{result['out_dir']}/quantize.json")
+  path = metrics.write_json(result, _JSON.value or f"{result['out_dir']}/quantize.json")
   ev = result["eval"]
   print(f"{result['source']} step {result['step']} on {result['machine']}; held-out bpb over "
         f"{ev['windows']} windows of {ev['seq_len']}; JSON: {path}")
