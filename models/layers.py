@@ -44,6 +44,12 @@ def _spec(names: Sequence[str | None] | None, rules) -> jax.sharding.PartitionSp
   return linen.logical_to_mesh_axes(tuple(names), rules)
 
 
+def _shards(mesh, entry) -> int:
+  """Devices a PartitionSpec entry (None, an axis or a tuple of axes) splits a dim over."""
+  axes = (entry,) if isinstance(entry, str) else entry or ()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """``with_sharding_constraint`` by logical names, if a mesh and rules are set."""
   active = _mesh_and_rules()
@@ -79,10 +85,8 @@ def shard_map_op(fn: Callable[..., Any], in_names: Sequence[Sequence[str | None]
     present = [i for i, x in enumerate(args) if x is not None]
     in_specs = tuple(_spec(in_names[i], rules) for i in present)
     for i, spec in zip(present, in_specs):
-      for size, axes in zip(args[i].shape, spec):
-        axes = (axes,) if isinstance(axes, str) else axes or ()
-        if size % math.prod(mesh.shape[a] for a in axes):
-          return fn(*args)
+      if any(size % _shards(mesh, entry) for size, entry in zip(args[i].shape, spec)):
+        return fn(*args)
     is_names = lambda n: n is None or (isinstance(n, tuple) and all(
         a is None or isinstance(a, str) for a in n))
     out_specs = jax.tree.map(lambda n: _spec(n, rules), out_names, is_leaf=is_names)
@@ -118,7 +122,7 @@ def mesh_axes(name: str | None) -> tuple[str, ...]:
 def mesh_shards(name: str) -> int:
   """How many shards the active mesh and rules split logical axis ``name`` into."""
   active = _mesh_and_rules()
-  return 1 if active is None else math.prod(active[0].shape[a] for a in mesh_axes(name))
+  return 1 if active is None else _shards(active[0], _spec((name,), active[1])[0])
 
 
 class QuantizedKernel(nnx.Variable):
