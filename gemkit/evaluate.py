@@ -526,7 +526,7 @@ class Loaded:
 def load_checkpoint(path: str, step: int | None = None) -> Loaded:
   """The model of a checkpoint (any family, via ``gemkit.runs.load``) and its metadata."""
   workdir, step, meta = runs.checkpoint_meta(path, step)
-  model, config = runs.load(workdir, step)
+  model, config = runs.load_from_meta(workdir, step, meta)
   return Loaded(model, config, workdir, step, meta)
 
 

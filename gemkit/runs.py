@@ -112,6 +112,11 @@ def load(path: str | pathlib.Path, step: int | None = None):
   ``launch.finetune`` run comes back as its base with the fine-tuned
   parameters (quantization and adapters rebuilt: ``gemkit.finetune.load_run``).
   """
+  return load_from_meta(*checkpoint_meta(path, step))
+
+
+def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
+  """:func:`load` of the checkpoint whose :func:`checkpoint_meta` is already read."""
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -119,7 +124,6 @@ def load(path: str | pathlib.Path, step: int | None = None):
   import models  # pylint: disable=g-import-not-at-top
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 
-  workdir, step, meta = checkpoint_meta(path, step)
   config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
   if "finetune" in meta:
     from gemkit import finetune  # pylint: disable=g-import-not-at-top

@@ -38,7 +38,7 @@ values in a ring buffer, so every state is O(1) in the sequence length.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -50,45 +50,33 @@ C = 8.0                       # the RG-LRU's fixed exponent scale c
 MAX_SQRT_GRADIENT = 1000.0    # bound on d sqrt(x) / dx near x = 0 (recurrentgemma)
 
 
-@dataclasses.dataclass(frozen=True)
-class GriffinConfig:
-  """Hyper-parameters; ``from_config`` reads a ``config.model`` block.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GriffinConfig(recurrent.RecurrentLMConfig):
+  """Hyper-parameters (the shared ones in ``recurrent.RecurrentLMConfig``).
 
   ``block_pattern``: temporal mixer of layer l is ``block_pattern[l % len]``,
   ``R`` (recurrent) or ``A`` (local attention). ``lru_width`` 0 means
-  ``d_model``. ``logits_softcap`` c > 0: logits = c tanh(logits / c).
+  ``d_model``.
   """
 
-  vocab_size: int
-  num_layers: int
-  d_model: int
+  family: ClassVar[str] = "griffin"
+  positive: ClassVar[tuple[str, ...]] = ("num_heads", "num_kv_heads", "head_dim",
+                                         "conv_width", "window", "block_size")
+  nonnegative: ClassVar[tuple[str, ...]] = ("lru_width",)
+
   num_heads: int
   head_dim: int
-  mlp_dim: int
   num_kv_heads: int = 1
   lru_width: int = 0
-  conv_width: int = 4
   window: int = 2048
   block_pattern: str = "RRA"
   rope_theta: float = 10_000.0
-  logits_softcap: float = 30.0
-  tie_embeddings: bool = True
-  norm_eps: float = 1e-6
-  dropout_rate: float = 0.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False
-  scan_impl: str = "auto"
+  logits_softcap: float = 30.0          # Griffin caps its logits (the base: 0, none)
   block_size: int = 128               # local attention's block (ops.attention)
   attention_impl: str = "auto"
 
   def __post_init__(self):
-    recurrent.check_positive(self, ("vocab_size", "num_layers", "d_model", "num_heads",
-                                    "num_kv_heads", "head_dim", "conv_width", "window",
-                                    "block_size"))
-    if self.mlp_dim < 0 or self.lru_width < 0:
-      raise ValueError(f"mlp_dim and lru_width must be >= 0, got {self.mlp_dim}, "
-                       f"{self.lru_width}")
+    super().__post_init__()
     if not self.block_pattern or set(self.block_pattern) - set("RA"):
       raise ValueError(f"block_pattern must be a non-empty string of R (recurrent) and "
                        f"A (local attention), got {self.block_pattern!r}")
@@ -114,10 +102,6 @@ class GriffinConfig:
         mlp_dim=self.mlp_dim, rope_theta=self.rope_theta, attention="sliding",
         window=self.window, block_size=self.block_size, attention_impl=self.attention_impl,
         dtype=self.dtype, param_dtype=self.param_dtype)
-
-  @classmethod
-  def from_config(cls, model_cfg: Mapping[str, Any]) -> "GriffinConfig":
-    return recurrent.config_from(cls, model_cfg, "griffin")
 
 
 @jax.custom_jvp

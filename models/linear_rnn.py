@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -62,44 +62,31 @@ RESET_LOG_DECAY = -30.0
 GLA_DECAY_NORMALIZER = 16.0
 
 
-@dataclasses.dataclass(frozen=True)
-class LinearRNNConfig:
-  """Hyper-parameters; ``from_config`` reads a ``config.model`` block.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LinearRNNConfig(recurrent.RecurrentLMConfig):
+  """Hyper-parameters (the shared ones in ``recurrent.RecurrentLMConfig``).
 
   ``num_heads`` x ``head_dim`` (key = value dim) for gla / deltanet; for
   mamba the inner width is ``expand * d_model`` with ``state_dim`` states per
-  channel. ``chunk_size``: of the chunked ops.
+  channel. ``chunk_size``: of the chunked ops. ``conv_width`` 0: no convolution.
   """
 
-  vocab_size: int
-  num_layers: int
-  d_model: int
-  mlp_dim: int
+  family: ClassVar[str] = "linear_rnn"
+  positive: ClassVar[tuple[str, ...]] = ("num_heads", "head_dim", "state_dim", "expand",
+                                         "gate_rank", "chunk_size")
+  nonnegative: ClassVar[tuple[str, ...]] = ("conv_width",)
+
   mixer: str = "gla"
   num_heads: int = 4
   head_dim: int = 64
   eigenvalue_range: str = "[0,1]"
-  conv_width: int = 4
   state_dim: int = 16
   expand: int = 2
   gate_rank: int = 16
   chunk_size: int = 64
-  logits_softcap: float = 0.0
-  tie_embeddings: bool = True
-  norm_eps: float = 1e-6
-  dropout_rate: float = 0.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  remat: bool = False
-  scan_impl: str = "auto"
 
   def __post_init__(self):
-    recurrent.check_positive(self, ("vocab_size", "num_layers", "d_model", "num_heads",
-                                    "head_dim", "state_dim", "expand", "gate_rank",
-                                    "chunk_size"))
-    if self.mlp_dim < 0 or self.conv_width < 0:
-      raise ValueError(f"mlp_dim and conv_width must be >= 0, got {self.mlp_dim}, "
-                       f"{self.conv_width}")
+    super().__post_init__()
     if self.mixer not in MIXERS:
       raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
     if self.eigenvalue_range not in EIGENVALUE_RANGES:
@@ -112,10 +99,6 @@ class LinearRNNConfig:
   @property
   def negative_eigenvalues(self) -> bool:
     return self.eigenvalue_range == "[-1,1]"
-
-  @classmethod
-  def from_config(cls, model_cfg: Mapping[str, Any]) -> "LinearRNNConfig":
-    return recurrent.config_from(cls, model_cfg, "linear_rnn")
 
 
 def _kw(cfg, rngs):

@@ -23,7 +23,7 @@ right padding of a ragged prompt) leave every state unchanged.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Self, Sequence
 
 import flax.struct
 import jax
@@ -40,6 +40,57 @@ class RecurrentCache:
 
   layers: tuple
   lengths: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecurrentLMConfig:
+  """Hyper-parameters every recurrent family has (those ``RecurrentLM`` reads).
+
+  A family's config subclasses it with its mixer's fields, its ``family``
+  name and the fields it adds to the range checks (``positive``: > 0,
+  ``nonnegative``: >= 0). ``from_config`` reads a ``config.model`` block.
+  ``mlp_dim`` 0: no MLP. ``logits_softcap`` c > 0: logits = c tanh(logits / c)
+  (0: none). ``conv_width``: of the mixers' short causal convolution.
+  Keyword-only, so a family's required fields may follow these defaults.
+  """
+
+  family: ClassVar[str]
+  positive: ClassVar[tuple[str, ...]] = ()
+  nonnegative: ClassVar[tuple[str, ...]] = ()
+
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  mlp_dim: int
+  conv_width: int = 4
+  logits_softcap: float = 0.0
+  tie_embeddings: bool = True
+  norm_eps: float = 1e-6
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  scan_impl: str = "auto"
+
+  def __post_init__(self):
+    """ValueError naming the first field out of its range."""
+    for name in ("vocab_size", "num_layers", "d_model") + self.positive:
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+    for name in ("mlp_dim",) + self.nonnegative:
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+  @classmethod
+  def from_config(cls, model_cfg: Mapping[str, Any]) -> Self:
+    """``cls(**model_cfg)`` without ``family``; unknown keys are a ValueError."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(model_cfg)
+    values.pop("family", None)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+      raise ValueError(f"unknown {cls.family} config keys: {unknown}")
+    return cls(**values)
 
 
 class Conv1D(nnx.Module):
@@ -104,7 +155,7 @@ class HeadNorm(nnx.Module):
 class Block(nnx.Module):
   """Pre-norm residual block: temporal mixer, then (optionally) the gated MLP."""
 
-  def __init__(self, cfg: Any, mixer: nnx.Module, *, rngs: nnx.Rngs,
+  def __init__(self, cfg: RecurrentLMConfig, mixer: nnx.Module, *, rngs: nnx.Rngs,
                mlp_activation: Callable[[jax.Array], jax.Array]):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
     self.mix_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
@@ -136,12 +187,10 @@ class RecurrentLM(nnx.Module):
 
   ``__call__`` for training (same signature as ``Transformer``), and
   ``init_cache`` + ``decode`` for sampling, so ``gemkit.sample`` drives it
-  unchanged. ``cfg`` is a family config with the fields vocab_size, d_model,
-  mlp_dim, norm_eps, dropout_rate, tie_embeddings, logits_softcap (0: none),
-  dtype, param_dtype and remat.
+  unchanged. ``cfg`` is a family's ``RecurrentLMConfig``.
   """
 
-  def __init__(self, cfg: Any, mixers: Sequence[nnx.Module], *, rngs: nnx.Rngs,
+  def __init__(self, cfg: RecurrentLMConfig, mixers: Sequence[nnx.Module], *, rngs: nnx.Rngs,
                mlp_activation: Callable[[jax.Array], jax.Array] = jax.nn.silu):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.cfg = cfg
@@ -229,22 +278,3 @@ def matrix_state_op(op: Callable[..., Any], impl: str, args: Sequence[jax.Array]
   run = lambda *xs: op(*xs[:-1], initial_state=xs[-1], impl=impl, **kwargs)
   return layers.kernel_op(run, impl, [heads(x) for x in args] + [state_names],
                           (("batch", None, "heads", None), state_names))(*args, state)
-
-
-def check_positive(cfg: Any, names: Sequence[str]) -> None:
-  """ValueError naming the first field of ``names`` that is not > 0."""
-  for name in names:
-    value = getattr(cfg, name)
-    if value <= 0:
-      raise ValueError(f"{name} must be > 0, got {value}")
-
-
-def config_from(cls, model_cfg, family: str):
-  """``cls(**model_cfg)`` without ``family``; unknown keys are a ValueError."""
-  fields = {f.name for f in dataclasses.fields(cls)}
-  values = dict(model_cfg)
-  values.pop("family", None)
-  unknown = sorted(set(values) - fields)
-  if unknown:
-    raise ValueError(f"unknown {family} config keys: {unknown}")
-  return cls(**values)
