@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "finetune_arithmetic"
   c.seed = 0
+  c.seeds = 1                          # > 1: seeds seed .. seed + seeds - 1, summarised
   c.methods = "full,lora,dora,qlora"   # any of full, lora, dora, qlora, pissa
 
   c.base = ml_collections.ConfigDict()

@@ -368,6 +368,62 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
   return row
 
 
+def run_seeds(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *,
+              overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+  """:func:`run` for seeds ``cfg.seed .. cfg.seed + cfg.seeds - 1`` (each in
+  ``<workdir>/seed<s>``: its own adapter init, data order and arithmetic draw),
+  summarised by :func:`summarize`; with ``cfg.seeds == 1`` just :func:`run`.
+
+  Small models learn the arithmetic task in plateaus, and when one run leaves
+  a plateau is a matter of seed: one seed can put any method tens of points
+  above or below another, so the comparison is over seeds."""
+  workdir = pathlib.Path(workdir or pathlib.Path("runs") / cfg.name)
+  if cfg.seeds == 1:
+    return run(cfg, workdir, overwrite=overwrite, log=log)
+  reports = []
+  for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+    c = cfg.copy_and_resolve_references()
+    c.seed, c.seeds = seed, 1
+    log(f"# seed {seed}")
+    reports.append(run(c, workdir / f"seed{seed}", overwrite=overwrite, log=log))
+  return summarize(reports)
+
+
+_PER_SEED = ("exact_match", "heldout_loss", "step_s", "train_s")
+
+
+def summarize(reports: Sequence[dict]) -> dict:
+  """One report from per-seed reports of the same methods: each row's
+  ``exact_match``, ``heldout_loss``, ``step_s`` and ``train_s`` become the
+  mean over seeds (``<key>_seeds`` keeps every value, ``<key>_std`` the sample
+  standard deviation), the rest (parameter counts, bytes) is the first
+  seed's; the shares of full fine-tuning's gain and the targets are then
+  computed on the means."""
+  if not reports:
+    raise ValueError("summarize: no reports")
+  methods = [r["method"] for r in reports[0]["rows"]]
+  for rep in reports[1:]:
+    if [r["method"] for r in rep["rows"]] != methods:
+      raise ValueError(f"summarize: reports of different methods: {methods} vs "
+                       f"{[r['method'] for r in rep['rows']]}")
+  rows = []
+  for i, method in enumerate(methods):
+    per = [rep["rows"][i] for rep in reports]
+    row = {k: v for k, v in per[0].items() if k not in ("samples", "workdir", "adapter_dir")}
+    for key in _PER_SEED:
+      vals = [r.get(key) for r in per]
+      if any(v is None for v in vals):
+        continue
+      row[key], row[f"{key}_seeds"] = statistics.fmean(vals), vals
+      row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    rows.append(row)
+  _relative_to_full(rows[0], rows[1:])
+  return {**{k: v for k, v in reports[0].items() if k not in ("rows", "targets", "task")},
+          "seeds": [rep["config"]["seed"] for rep in reports],
+          "task": [rep["task"] for rep in reports], "rows": rows, "targets": targets(rows[1:]),
+          "elapsed_s": round(sum(rep["elapsed_s"] for rep in reports), 1), "runs": reports}
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *,
         methods: Sequence[str] | None = None, overwrite: bool = False,
         log: Callable[[str], None] = print) -> dict:
@@ -476,6 +532,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if not cond:
       raise ConfigError(key, msg)
 
+  need(cfg.seeds >= 1, "seeds", f"must be >= 1, got {cfg.seeds}")
   t = cfg.task
   need(t.kind in TASKS, "task.kind", f"must be one of {TASKS}, got {t.kind!r}")
   need(t.seq_len >= 8, "task.seq_len", f"must be >= 8, got {t.seq_len}")
@@ -532,9 +589,15 @@ def markdown_table(report: dict) -> str:
   mb = lambda b: "" if b is None else f"{b / 2**20:.2f} MiB"
   pct = lambda v: "" if v is None else f"{v:.0%}"
   sec = lambda v: "" if v is None else f"{v:.3f} s"
+  def spread(r, key, fmt):   # "mean ± sd (seed 0 / seed 1 / ...)" over seeds, else the value
+    if f"{key}_seeds" not in r:
+      return fmt.format(r[key])
+    vals = " / ".join(fmt.format(v) for v in r[f"{key}_seeds"])
+    return f"{fmt.format(r[key])} ± {fmt.format(r[f'{key}_std'])} ({vals})"
   for r in report["rows"]:
     lines.append(
-        f"| {r['method']} | {r['exact_match']:.1%} | {r['heldout_loss']:.4f} | "
+        f"| {r['method']} | {spread(r, 'exact_match', '{:.1%}')} | "
+        f"{spread(r, 'heldout_loss', '{:.4f}')} | "
         f"{pct(r.get('em_gain_vs_full'))} / {pct(r.get('loss_gain_vs_full'))} | "
         f"{r['trainable_params']:,} ({r['trainable_pct']:.2f}%) | {mb(r.get('opt_state_bytes'))} | "
         f"{mb(r.get('frozen_bytes'))} | {mb(r.get('xla_step_peak_bytes'))} | "

@@ -8,7 +8,9 @@
   python -m launch.finetune --config.task.kind=jsonl --config.task.path=data.jsonl
 
 Each method trains in <workdir>/<method> (re-running resumes; --overwrite
-restarts), adapters are also saved alone in <workdir>/<method>/adapter.
+restarts), adapters are also saved alone in <workdir>/<method>/adapter; with
+--config.seeds=N > 1, in <workdir>/seed<s>/<method> for N seeds, and the table
+gives each figure's mean, standard deviation and per-seed values.
 Prints one table row per method (exact match, held-out completion loss,
 trainable parameters, optimizer-state and frozen bytes, XLA step peak memory,
 step time) and writes the report as JSON (and Markdown next to it).
@@ -31,8 +33,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Restart methods whose run di
 def _run():
   cfg = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
-  report = finetune.run(cfg, workdir, overwrite=_OVERWRITE.value,
-                        log=lambda line: print(line, flush=True))
+  report = finetune.run_seeds(cfg, workdir, overwrite=_OVERWRITE.value,
+                              log=lambda line: print(line, flush=True))
   path = metrics.write_json(report, _JSON.value or workdir / "finetune.json")
   table = finetune.markdown_table(report)
   path.with_suffix(".md").write_text(table + "\n")

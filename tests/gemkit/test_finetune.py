@@ -115,3 +115,31 @@ def test_jsonl_task_holds_out_by_prompt_hash(tmp_path):
       e.completion.size for e in task.heldout)
   with pytest.raises(ConfigError, match="task.path: no such file"):
     finetune.jsonl_examples(str(tmp_path / "missing.jsonl"))
+
+
+def test_seeds_are_summarised_by_their_mean_and_spread(finetuned, tmp_path):
+  tmp, _ = finetuned
+  cfg = config_lib.load_file("experiments/finetune_arithmetic.py")
+  cfg.update_from_flattened_dict({**TINY_FT, "methods": "full,lora", "seed": 5, "seeds": 2,
+                                  "base.workdir": str(tmp / "base")})
+  report = finetune.run_seeds(cfg, tmp_path, log=lambda _: None)
+  per = report["runs"]
+  assert report["seeds"] == [r["config"]["seed"] for r in per] == [5, 6]
+  assert per[0]["task"]["fingerprint"] != per[1]["task"]["fingerprint"]   # own draws
+  assert [r["method"] for r in report["rows"]] == ["base", "full", "lora"]
+  for i, row in enumerate(report["rows"]):
+    for key in ("exact_match", "heldout_loss"):
+      vals = [r["rows"][i][key] for r in per]
+      assert row[f"{key}_seeds"] == vals
+      assert row[key] == pytest.approx(np.mean(vals))
+      assert row[f"{key}_std"] == pytest.approx(np.std(vals, ddof=1))
+  base, full, lo = report["rows"]
+  drop = base["heldout_loss"] - full["heldout_loss"]
+  assert lo["loss_gain_vs_full"] == pytest.approx((base["heldout_loss"] - lo["heldout_loss"]) / drop)
+  assert report["targets"]["lora_trainable_le_2pct"]["value"] == lo["trainable_pct"]
+  for seed in (5, 6):
+    assert (tmp_path / f"seed{seed}" / "lora" / "adapter").is_dir()
+  assert f"{lo['exact_match']:.1%} ± " in finetune.markdown_table(report)
+  cfg.seeds = 0
+  with pytest.raises(ConfigError, match="seeds: must be >= 1"):
+    finetune.validate_config(cfg)
