@@ -76,8 +76,7 @@ def evaluate(model, graphdef, params, frozen, stream, length: int, n: int, p, se
   generation), digit_acc (per digit) and acc / first per depth quarter."""
   rng = np.random.default_rng([seed, length])
   depths = (np.arange(n) + 0.5) / n
-  exs = [task.example(stream.tokens, rng, length, p.digits, d, distinct=p.distinct_digits,
-                      offset=p.key_offset) for d in depths]
+  exs = [task.example(stream.tokens, rng, length, p, d) for d in depths]
   first = exs[0][1][-1]   # same layout for every example of this length
   acc, gen, digit = [], [], []
   for i in range(0, n, batch_size):
@@ -204,7 +203,7 @@ def main(argv=None):
   p, params, pretrain = config.passkey, None, None
   stage1_key = json.dumps([config.seed, config.model.to_dict(), config.data.to_dict(),
                            {k: v for k, v in p.items() if k.startswith("pretrain_")
-                            or k in ("digits", "distinct_digits", "key_offset", "min_len",
+                            or k in ("digits", "distinct_digits", "key_offset", "key_stride", "min_len",
                                      "lm_weight", "train_questions", "answer_weight")}],
                           sort_keys=True, default=str)
   if args.stage1 and os.path.exists(args.stage1):

@@ -13,14 +13,20 @@ HAY = np.concatenate([np.frombuffer(b"x = 1\nprint(x)\n" * 40, np.uint8).astype(
 
 
 def _text(tokens) -> str:
-  return bytes(int(t) for t in tokens if t < 256).decode()
+  return bytes(int(t) for t in tokens if t < 256).decode("latin-1")
+
+
+def _spec(**overrides):
+  p = config_lib.load("experiments/passkey.py").passkey
+  p.update(overrides)
+  return p
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
 @pytest.mark.parametrize("questions", [0, 3])
 def test_example_plants_the_key(depth, questions):
   rng = np.random.default_rng(1)
-  doc, keys, key = passkey.example(HAY, rng, 1000, 5, depth, questions=questions)
+  doc, keys, key = passkey.example(HAY, rng, 1000, _spec(), depth, questions=questions)
   assert doc.shape == (1001,) and doc[0] == data_lib.BOS
   assert (doc[1:] < 256).all()                     # document breaks became newlines
   assert len(key) == 5 and key[0] != "0" and len(set(key)) == 5
@@ -41,23 +47,38 @@ def test_example_plants_the_key(depth, questions):
 
 def test_example_rejects_short_length():
   with pytest.raises(ValueError, match="length 100"):
-    passkey.example(HAY, np.random.default_rng(0), 100, 5, questions=1)
+    passkey.example(HAY, np.random.default_rng(0), 100, _spec(), questions=1)
 
 
 def test_keys_with_repeats_allowed():
   rng = np.random.default_rng(0)
-  keys = [passkey.make_key(rng, 5, distinct=False) for _ in range(200)]
+  keys = [passkey.make_key(rng, _spec(distinct_digits=False)) for _ in range(200)]
   assert all(len(k) == 5 and k.isdigit() and k[0] != "0" for k in keys)
   assert any(len(set(k)) < 5 for k in keys)
 
 
 def test_keys_of_rare_bytes():
-  doc, keys, key = passkey.example(HAY, np.random.default_rng(4), 400, 5, 0.5, offset=0)
+  p = _spec(key_offset=0)
+  doc, keys, key = passkey.example(HAY, np.random.default_rng(4), 400, p, 0.5)
   codes = [ord(c) for c in key]
   assert len(set(codes)) == 5 and all(1 <= c <= 9 for c in codes[:1]) and max(codes) <= 9
   for k in keys:
     np.testing.assert_array_equal(doc[k:k + 5], codes)
   assert np.isin(doc, codes).sum() == 5 * len(keys) + 5   # + the needle's first copy
+
+
+def test_positional_keys_use_one_alphabet_per_digit():
+  # Digit i of the key is byte 128 + 10 i + d; the haystack's bytes >= 128 become "?".
+  p = _spec(key_offset=128, key_stride=10, distinct_digits=False)
+  hay = np.concatenate([HAY, np.array([0xC3, 0xA9, 200], np.uint16)])
+  for seed in range(20):
+    doc, keys, key = passkey.example(hay, np.random.default_rng(seed), 400, p, 0.5)
+    digits = [ord(c) - 128 - 10 * i for i, c in enumerate(key)]
+    assert all(0 <= d <= 9 for d in digits) and digits[0] != 0
+    for k in keys:
+      np.testing.assert_array_equal(doc[k:k + 5], [ord(c) for c in key])
+    assert ((doc >= 128) & (doc < 256)).sum() == 5 * (len(keys) + 1)   # key symbols only
+    assert _text(doc).count(passkey.needle(key)) == 1
 
 
 @pytest.mark.parametrize("min_len,questions", [(0, 3), (120, 0)])
@@ -87,7 +108,7 @@ def test_train_batch_weights_answers(min_len, questions):
 
 def test_score_teacher_forced():
   rng = np.random.default_rng(3)
-  docs = [passkey.example(HAY, rng, 300, 5, d) for d in (0.2, 0.8)]
+  docs = [passkey.example(HAY, rng, 300, _spec(), d) for d in (0.2, 0.8)]
   tokens = np.stack([d for d, _, _ in docs])
   first = docs[0][1][-1]
   perfect = tokens[:, 1:]                          # the next token at every input position
