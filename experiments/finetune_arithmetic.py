@@ -4,8 +4,16 @@ Two-digit addition with the sum written least significant digit first
 ("$47+85=231$" for 132; Lee et al. 2023, "Teaching Arithmetic to Small
 Transformers"), a task the base never saw. ``python -m launch.finetune``
 runs full fine-tuning, LoRA, DoRA and QLoRA (nf4 base) for the same steps on
-the same batches and prints the comparison (README "Fine-tuning" has the
-measured table). Held out: 1,000 distinct problems outside the training set.
+the same batches, for three seeds (each its own draw of the task, data order
+and adapter init), and prints each figure's mean, standard deviation and
+per-seed values (README "Fine-tuning" has the measured table). Held out:
+1,000 distinct problems outside the training set.
+
+The schedule is warmup-stable-decay: the task is learned in plateaus that a
+run leaves at a seed-dependent step (often 500-800 here), and a cosine
+decay to 1,000 steps had lowered the learning rate too far by then for some
+seeds (LoRA 17.5% and QLoRA 35.7% exact match on seeds where the other
+method reached 95-100%; with WSD the same seeds reached 99.2% and 95.4%).
 """
 
 import ml_collections
@@ -15,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "finetune_arithmetic"
   c.seed = 0
-  c.seeds = 1                          # > 1: seeds seed .. seed + seeds - 1, summarised
+  c.seeds = 3                          # seeds seed .. seed + seeds - 1, summarised
   c.methods = "full,lora,dora,qlora"   # any of full, lora, dora, qlora, pissa
 
   c.base = ml_collections.ConfigDict()
@@ -56,13 +64,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.lr.pissa = 1e-3                    # not tuned
 
   c.train = ml_collections.ConfigDict()
-  c.train.steps = 450
+  c.train.steps = 1000
   c.train.batch_size = 16
   c.train.grad_accum = 1
   c.train.lr = 1e-3                    # replaced by lr.<method>
   c.train.min_lr_ratio = 0.1
   c.train.warmup_steps = 20
-  c.train.schedule = "cosine"
+  c.train.schedule = "wsd"             # warmup-stable-decay: cosine decayed too early (README)
   c.train.decay_fraction = 0.2
   c.train.wsd_decay = "sqrt"
   c.train.b1 = 0.9

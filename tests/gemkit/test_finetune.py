@@ -20,7 +20,7 @@ TOKENS = np.arange(40, dtype=np.int32).reshape(2, 20) % 259
 TINY_FT = {"task.digits": 2, "task.train_examples": 300, "task.eval_examples": 16,
            "task.seq_len": 32, "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,
            "train.warmup_steps": 1, "lora.rank": 2, "qlora.base_format": "nf4-g32",
-           "methods": "full,lora,qlora"}
+           "methods": "full,lora,qlora", "seeds": 1}
 
 
 def _launch(*args):
