@@ -10,8 +10,9 @@ variables, which are not ``nnx.Param``: optimizers never see them.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -276,6 +277,17 @@ class RMSNorm(nnx.Module):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def config_from(cls, model_cfg: Mapping[str, Any], family: str):
+  """``cls(**model_cfg)`` for a model-config dataclass, without the ``family`` key;
+  keys that are not fields of ``cls`` are a ValueError naming ``family``."""
+  values = dict(model_cfg)
+  values.pop("family", None)
+  unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"unknown {family} config keys: {unknown}")
+  return cls(**values)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:

@@ -84,13 +84,7 @@ class RecurrentLMConfig:
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> Self:
     """``cls(**model_cfg)`` without ``family``; unknown keys are a ValueError."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(model_cfg)
-    values.pop("family", None)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f"unknown {cls.family} config keys: {unknown}")
-    return cls(**values)
+    return layers.config_from(cls, model_cfg, cls.family)
 
 
 class Conv1D(nnx.Module):

@@ -103,13 +103,7 @@ class TransformerConfig:
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    values = dict(model_cfg)
-    values.pop("family", None)
-    unknown = sorted(set(values) - fields)
-    if unknown:
-      raise ValueError(f"unknown transformer config keys: {unknown}")
-    return cls(**values)
+    return layers.config_from(cls, model_cfg, "transformer")
 
 
 @flax.struct.dataclass
