@@ -170,6 +170,9 @@ def _validate_attention(m: ml_collections.ConfigDict) -> None:
   for key, least in transformer.PATTERN_KEYS[pattern].items():
     _require(m.get(key, 0) >= least, f"model.{key}",
              f"must be >= {least} with model.attention={pattern!r}, got {m.get(key, 0)}")
+  scores = m.get("topk_scores", "mean")
+  _require(scores in transformer.TOPK_SCORES, "model.topk_scores",
+           f"must be one of {transformer.TOPK_SCORES}, got {scores!r}")
   _require(m.get("block_size", 128) >= 1, "model.block_size",
            f"must be >= 1, got {m.get('block_size')}")
 

@@ -20,7 +20,10 @@ positions in the packed row, always causal and within the segment):
            in training only, dense at inference (as LongLoRA).
   topk     per query block of ``block_size``, the ``top_k`` kv blocks whose
            mean key best matches the block's mean query, plus ``local_blocks``
-           and ``sink_blocks`` (MoBA / NSA selection / Quest).
+           and ``sink_blocks`` (MoBA / NSA selection / Quest). With
+           ``topk_scores="compressed"`` the blocks are ranked as in NSA by a
+           trained compressed branch (:func:`compressed_attention`) whose
+           output is added through a sigmoid gate.
   global   i - j < window or j < global_tokens (sink / global tokens:
            StreamingLLM, Longformer).
 
@@ -56,6 +59,7 @@ from ops import common
 PATTERN_KEYS = {"dense": {}, "sliding": {"window": 1}, "s2": {"s2_group": 2},
                 "topk": {"top_k": 1}, "global": {"window": 1, "global_tokens": 1}}
 ATTENTION_PATTERNS = tuple(PATTERN_KEYS)
+TOPK_SCORES = ("mean", "compressed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +83,7 @@ class TransformerConfig:
   top_k: int = 0                # topk: selected kv blocks per query block
   local_blocks: int = 1         # topk: kv blocks ending at the query block, always kept
   sink_blocks: int = 1          # topk: first kv blocks, always kept
+  topk_scores: str = "mean"     # topk: rank blocks by "mean" keys or a "compressed" branch
   s2_group: int = 0             # s2: group size G
   global_tokens: int = 0        # global: first tokens seen by (and seeing) all
   attention_impl: str = "auto"  # ops.attention impl: auto | xla | pallas_tpu | pallas_gpu
@@ -97,6 +102,8 @@ class TransformerConfig:
       if getattr(self, key) < least:
         raise ValueError(f"attention={self.attention!r} needs {key} >= {least}, "
                          f"got {getattr(self, key)}")
+    if self.topk_scores not in TOPK_SCORES:
+      raise ValueError(f"topk_scores must be one of {TOPK_SCORES}, got {self.topk_scores!r}")
     if self.block_size < 1 or self.local_blocks < 0 or self.sink_blocks < 0:
       raise ValueError("block_size must be >= 1 and local_blocks, sink_blocks >= 0, got "
                        f"{self.block_size}, {self.local_blocks}, {self.sink_blocks}")
@@ -145,6 +152,55 @@ def pattern_mask(cfg: TransformerConfig, train: bool = True) -> attention_ops.Ma
   return None
 
 
+def compressed_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array,
+                         block: int, q_seg: jax.Array | None = None,
+                         kv_seg: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """NSA's compressed attention branch with mean pooling (Yuan et al. 2025, eq. 7).
+
+  Each complete block c of ``block`` keys (positions c*block .. (c+1)*block - 1)
+  becomes one key and value, ``kbar_c = mean k``, ``vbar_c = mean v``; query i
+  attends to the blocks that end at or before its position (and lie inside
+  its segment)::
+
+    p_ic = softmax_c(<q_i, kbar_c> / sqrt(D)),   o_i = sum_c p_ic vbar_c
+
+  (``o_i = 0`` when no block is complete yet). NSA compresses a block with a
+  learned MLP over overlapping, position-encoded blocks and gives each branch
+  its own keys; here the branch pools the attention's own (RoPE) keys, so the
+  gradient that trains it also shapes the keys the selection ranks.
+
+  Args:
+    q: ``[B, T, Hq, D]`` at positions ``q_pos`` ``[B, T]``; k, v:
+      ``[B, S, Hkv, D]`` at positions 0..S-1.
+    block: the block size.
+    q_seg, kv_seg: ``[B, T]`` and ``[B, S]`` segment ids, or None.
+
+  Returns:
+    ``o`` ``[B, T, Hq, D]`` and the selection scores ``[B, T, Hkv,
+    ceil(S / block)]``: ``p`` summed over the query heads of each kv head
+    (NSA shares the selection across a GQA group), 0 for an incomplete block.
+  """
+  B, T, hq, D = q.shape
+  S, hkv = k.shape[1], k.shape[2]
+  nc = S // block
+  pool = lambda x: x[:, :nc * block].reshape(B, nc, block, hkv, D).astype(jnp.float32).mean(2)
+  kbar, vbar = pool(k), pool(v)
+  logits = jnp.einsum("btgrd,bcgd->btgrc", q.reshape(B, T, hkv, hq // hkv, D), kbar,
+                      preferred_element_type=jnp.float32) * D ** -0.5
+  ok = ((jnp.arange(nc) + 1) * block - 1)[None, None] <= q_pos[:, :, None]      # [B, T, nc]
+  if q_seg is not None:
+    blk = kv_seg[:, :nc * block].reshape(B, nc, block)
+    ok &= ((blk.min(-1) == blk.max(-1))[:, None] & (blk[:, None, :, 0] == q_seg[:, :, None]))
+  ok = ok[:, :, None, None]
+  logits = jnp.where(ok, logits, -jnp.inf)
+  top = jnp.max(logits, -1, keepdims=True)
+  e = jnp.where(ok, jnp.exp(logits - jnp.where(jnp.isfinite(top), top, 0.0)), 0.0)
+  p = e / jnp.maximum(e.sum(-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  o = jnp.einsum("btgrc,bcgd->btgrd", p, vbar).reshape(B, T, hq, D).astype(q.dtype)
+  scores = jnp.pad(p.sum(3), ((0, 0), (0, 0), (0, 0), (0, -(-S // block) - nc)))
+  return o, scores
+
+
 def _gather_keys(cache: jax.Array, index: jax.Array) -> jax.Array:
   """cache [B, S, H, D], index [B, N] (clipped to S - 1) -> [B, N, H, D]."""
   index = jnp.clip(index, 0, cache.shape[1] - 1)
@@ -152,13 +208,14 @@ def _gather_keys(cache: jax.Array, index: jax.Array) -> jax.Array:
 
 
 def _per_shard(op, q, k, v, rows: jax.Array | None, *, impl: str, split_heads: bool = True,
-               single_query: bool = False) -> jax.Array:
-  """``op(q, k, v, rows)``, per (batch, head) shard of the active mesh when
+               single_query: bool = False, scores: jax.Array | None = None) -> jax.Array:
+  """``op(q, k, v, rows[, scores])``, per (batch, head) shard of the active mesh when
   ``impl`` may run a Pallas kernel (``layers.kernel_op``): the kernel sees
   whole sequences of its rows and heads, and no input is gathered.
   q [B, T, Hq, D] ([B, Hq, D] for ``op`` and the result when
   ``single_query``), k/v [B, S, Hkv, D], ``rows`` [B, ...] per-row data
-  (segment ids, lengths) or None. When the tensor axis does not divide Hkv
+  (segment ids, lengths) or None; ``scores`` [B, T, Hq, N] (top-k block
+  scores) or None, split like q. When the tensor axis does not divide Hkv
   (a GQA group would span shards) each query head gets its own copy of its
   kv head."""
   if single_query:
@@ -170,8 +227,10 @@ def _per_shard(op, q, k, v, rows: jax.Array | None, *, impl: str, split_heads: b
     k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
   q_names, kv_names = ("batch", None, heads, None), ("batch", None, heads and "kv_heads", None)
   row_names = None if rows is None else ("batch",) + (None,) * (rows.ndim - 1)
-  return layers.kernel_op(op, impl, (q_names, kv_names, kv_names, row_names), q_names)(
-      q, k, v, rows)
+  args, names = (q, k, v, rows), (q_names, kv_names, kv_names, row_names)
+  if scores is not None:
+    args, names = args + (scores,), names + (q_names,)
+  return layers.kernel_op(op, impl, names, q_names)(*args)
 
 
 class Attention(nnx.Module):
@@ -185,6 +244,14 @@ class Attention(nnx.Module):
     self.k_proj = layers.Dense(cfg.d_model, kvh * hd, names=("embed", "kv_heads"), **kw)
     self.v_proj = layers.Dense(cfg.d_model, kvh * hd, names=("embed", "kv_heads"), **kw)
     self.o_proj = layers.Dense(h * hd, cfg.d_model, names=("heads", "embed"), **kw)
+    # NSA's gate of the compressed branch, g = sigmoid(x W + b) per head (0.5 at init).
+    self.cmp_gate = (layers.Dense(cfg.d_model, h, names=("embed", "heads"), use_bias=True,
+                                  kernel_init=nnx.initializers.zeros, **kw)
+                     if self.compressed else None)
+
+  @property
+  def compressed(self) -> bool:
+    return self.cfg.attention == "topk" and self.cfg.topk_scores == "compressed"
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     B, T, _ = x.shape
@@ -201,16 +268,29 @@ class Attention(nnx.Module):
     B, T = o.shape[:2]
     return self.o_proj(o.reshape(B, T, -1))
 
-  def attend(self, q, k, v, segment_ids: jax.Array | None, train: bool = False) -> jax.Array:
+  def attend(self, q, k, v, segment_ids: jax.Array | None, train: bool = False,
+             gate: jax.Array | None = None) -> jax.Array:
     """The pattern's causal attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] at
-    positions 0..T-1 of the row; ``segment_ids`` [B, T] or None (one segment)."""
+    positions 0..T-1 of the row; ``segment_ids`` [B, T] or None (one segment);
+    ``gate`` [B, T, Hq]: the compressed branch's gate (topk_scores="compressed")."""
     cfg = self.cfg
     mask = pattern_mask(cfg, train)
     if cfg.attention == "topk":
-      op = lambda q, k, v, seg: attention_ops.topk_block_attention(
-          q, k, v, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
-          sink_blocks=cfg.sink_blocks, segment_ids=seg, impl=cfg.attention_impl)
-    elif mask is not None:
+      scores = o_cmp = None
+      if self.compressed:
+        pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
+        o_cmp, scores = compressed_attention(q, k, v, pos, cfg.block_size, segment_ids,
+                                             segment_ids)
+        scores = jnp.repeat(scores, q.shape[2] // k.shape[2], axis=2)
+
+      def op(q, k, v, seg, scores=None):
+        return attention_ops.topk_block_attention(
+            q, k, v, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
+            sink_blocks=cfg.sink_blocks, segment_ids=seg, impl=cfg.attention_impl,
+            token_scores=None if scores is None else scores.transpose(0, 2, 1, 3))
+      o = _per_shard(op, q, k, v, segment_ids, impl=cfg.attention_impl, scores=scores)
+      return o if o_cmp is None else o + gate[..., None].astype(o.dtype) * o_cmp
+    if mask is not None:
       op = lambda q, k, v, seg: attention_ops.block_sparse_attention(
           q, k, v, mask, segment_ids=seg, block_q=cfg.block_size, block_kv=cfg.block_size,
           impl=cfg.attention_impl)
@@ -228,7 +308,10 @@ class Attention(nnx.Module):
                train: bool = False) -> jax.Array:
     """x [B, T, d] -> [B, T, d]; ``train`` turns on S2 (LongLoRA trains with it only)."""
     q, k, v = self._qkv(x, positions)
-    return self._out(self.attend(q, k, v, segment_ids, train))
+    return self._out(self.attend(q, k, v, segment_ids, train, self._gate(x)))
+
+  def _gate(self, x: jax.Array) -> jax.Array | None:
+    return jax.nn.sigmoid(self.cmp_gate(x)) if self.compressed else None
 
   def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
              lengths: jax.Array, num_valid: jax.Array | None = None):
@@ -247,28 +330,33 @@ class Attention(nnx.Module):
     kc, vc = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     if Tn == 1:
       o = self._decode_step(q[:, 0], kc, vc, lengths + 1)[:, None]
+      if self.compressed:
+        o_cmp, _ = compressed_attention(q, kc, vc, positions, self.cfg.block_size)
+        o = o + self._gate(x)[..., None].astype(o.dtype) * o_cmp
     elif self.cfg.attention in ("dense", "s2"):
       k_pos = jnp.broadcast_to(jnp.arange(kc.shape[1]), (B, kc.shape[1]))
       ones = jnp.ones_like
       mask = attention_mask(positions, k_pos, ones(positions), ones(k_pos))
       o = jax.nn.dot_product_attention(q, kc, vc, mask=mask)
     else:
-      o = self._prefill(q, kc, vc, lengths, Tn if num_valid is None else num_valid)
+      o = self._prefill(q, kc, vc, lengths, Tn if num_valid is None else num_valid,
+                        self._gate(x))
     return self._out(o), k_cache, v_cache
 
-  def _prefill(self, q, kc, vc, lengths, num_valid):
+  def _prefill(self, q, kc, vc, lengths, num_valid, gate=None):
     """Several new queries: the training attention over the whole cache, with
-    the queries placed at their positions (zeros elsewhere, outputs dropped)
-    and keys past the valid tokens zeroed. From an empty cache this is the
-    forward pass of the prompt, top-k selection included."""
+    the queries (and gates) placed at their positions (zeros elsewhere,
+    outputs dropped) and keys past the valid tokens zeroed. From an empty
+    cache this is the forward pass of the prompt, top-k selection included."""
     B, Tn = q.shape[:2]
     S = kc.shape[1]
     new_ok = jnp.arange(Tn)[None] < jnp.reshape(num_valid, (-1, 1))
-    q_all = jax.vmap(lambda z, new, at: jax.lax.dynamic_update_slice_in_dim(z, new, at, 0))(
-        jnp.zeros((B, S) + q.shape[2:], q.dtype), jnp.where(new_ok[..., None, None], q, 0),
-        lengths)
+    place = jax.vmap(lambda new, at: jax.lax.dynamic_update_slice_in_dim(
+        jnp.zeros((S,) + new.shape[1:], new.dtype), new, at, 0))
+    q_all = place(jnp.where(new_ok[..., None, None], q, 0), lengths)
+    gate = None if gate is None else place(gate, lengths)
     k_ok = (jnp.arange(S)[None] < (lengths + num_valid)[:, None])[..., None, None]
-    o = self.attend(q_all, jnp.where(k_ok, kc, 0), jnp.where(k_ok, vc, 0), None)
+    o = self.attend(q_all, jnp.where(k_ok, kc, 0), jnp.where(k_ok, vc, 0), None, gate=gate)
     return jax.vmap(lambda a, at: jax.lax.dynamic_slice_in_dim(a, at, Tn, 0))(o, lengths)
 
   def _decode_step(self, q, kc, vc, lengths):

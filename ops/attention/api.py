@@ -275,13 +275,16 @@ def block_sparse_attention(q, k, v, mask=None, *, segment_ids=None, scale=None, 
 
 
 def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_blocks=1,
-                         causal=True, segment_ids=None, scale=None, softcap=None, impl="auto",
-                         interpret=None):
+                         causal=True, segment_ids=None, token_scores=None, scale=None,
+                         softcap=None, impl="auto", interpret=None):
   """Attention over dynamically selected kv blocks (MoBA / NSA selection / Quest).
 
   Each query block of ``block_size`` rows scores every kv block by the
   block-mean query against the block-mean key (per query head, against its
-  kv head), ``score[qb, kb] = <mean_i q_i, mean_j k_j>``, and keeps the
+  kv head), ``score[qb, kb] = <mean_i q_i, mean_j k_j> = mean_i <q_i, kbar_kb>``
+  (MoBA's per-token gate ``<q_i, kbar>`` averaged over the block), or, with
+  ``token_scores``, by ``sum_{i in qb} token_scores[i, kb]`` (e.g. NSA's
+  compressed-attention probabilities, which a model trains), and keeps the
   ``top_k`` best-scoring eligible blocks plus the ``sink_blocks`` first kv
   blocks and the ``local_blocks`` kv blocks ending at the one that holds the
   query block's last position; then runs block-sparse attention over them
@@ -305,6 +308,8 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
     causal: ``j <= i``.
     segment_ids: as ``block_sparse_attention``; blocks of other documents
       are not eligible (the block means may still span a boundary).
+    token_scores: None or ``[B, Hq, T, ceil(S / block_size)]`` per query row
+      and kv block, higher is better; not differentiated.
     scale, softcap, impl, interpret: as ``block_sparse_attention``.
 
   Returns:
@@ -321,12 +326,17 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
                      f"got {top_k} + {local_blocks} + {sink_blocks}")
   b, t, hq, _ = q.shape
   s = k.shape[1]
+  want = (b, hq, t, -(-s // block_size))   # kv blocks do not change when `fit` shrinks them
+  if token_scores is not None and tuple(token_scores.shape) != want:
+    raise ValueError(f"topk_block_attention: token_scores must have shape [B, Hq, T, "
+                     f"ceil(S / block_size)] = {list(want)}, got {list(token_scores.shape)}")
   segs = _segments(segment_ids, b, t, s)
   impl, sizes = _resolve("topk_block_attention", impl, q, block_size, block_size, t, s)
   mask = masks_lib.CausalMask() if causal else masks_lib.FullMask()
   kinds, bounds = reference.topk_block_kinds(
       q, k, mask, top_k=top_k, block_q=sizes.block_q, block_kv=sizes.block_kv,
-      local_blocks=local_blocks, sink_blocks=sink_blocks, segment_ids=segs)
+      local_blocks=local_blocks, sink_blocks=sink_blocks, segment_ids=segs,
+      token_scores=token_scores)
   return _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interpret)
 
 

@@ -350,11 +350,13 @@ def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do
 
 
 def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
-                     local_blocks: int, sink_blocks: int, segment_ids=None):
+                     local_blocks: int, sink_blocks: int, segment_ids=None, token_scores=None):
   """Kinds ``[B, Hq, nq, nk]`` of the blocks ``topk_block_attention`` visits.
 
   Block score ``<mean q of the query block, mean k of the kv block>`` per
-  query head (padding rows excluded from the means); kept: the first
+  query head (padding rows excluded from the means), or with
+  ``token_scores`` ``[B, Hq, T, nk]`` the sum of the query block's rows of
+  it; kept: the first
   ``sink_blocks`` kv blocks, the ``local_blocks`` kv blocks ending at the one
   holding the query block's last position, and the ``top_k`` best-scoring
   other blocks, all among the blocks ``mask`` (and ``segment_ids``, a
@@ -374,9 +376,14 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
     x = jnp.pad(x, ((0, 0), (0, n * block - length), (0, 0), (0, 0)))
     rows = np.minimum(block, length - np.arange(n) * block).astype(np.float32)
     return x.reshape(b, n, block, x.shape[2], d).sum(2) / rows[None, :, None, None]
-  qbar = pooled(q, nq, block_q, t).reshape(b, nq, hkv, hq // hkv, d)
-  kbar = pooled(k, nk, block_kv, s)
-  score = jnp.einsum("bqgrd,bkgd->bgrqk", qbar, kbar).reshape(b, hq, nq, nk)
+  if token_scores is None:
+    qbar = pooled(q, nq, block_q, t).reshape(b, nq, hkv, hq // hkv, d)
+    kbar = pooled(k, nk, block_kv, s)
+    score = jnp.einsum("bqgrd,bkgd->bgrqk", qbar, kbar).reshape(b, hq, nq, nk)
+  else:
+    score = jax.lax.stop_gradient(token_scores).astype(jnp.float32)
+    score = jnp.pad(score, ((0, 0), (0, 0), (0, nq * block_q - t), (0, 0)))
+    score = score.reshape(b, hq, nq, block_q, nk).sum(3)
   eligible = base > 0
   kb = np.arange(nk)[None, :]
   kb_last = np.minimum((np.minimum(np.arange(1, nq + 1) * block_q, t) - 1) // block_kv,

@@ -23,6 +23,7 @@ PATTERNS = {
     "global": dict(attention="global", window=4, global_tokens=3),
     "s2": dict(attention="s2", s2_group=6),
     "topk": dict(attention="topk", top_k=1),      # 3 of the 6 blocks of 23 tokens
+    "topk_nsa": dict(attention="topk", top_k=1, topk_scores="compressed"),
 }
 
 _forward = nnx.jit(lambda m, tok, seg=None, train=None: m(tok, seg, train=train),
@@ -87,8 +88,9 @@ def test_griffin_local_attention_config_uses_local_mask():
 
 
 @pytest.mark.parametrize("kw", [PATTERNS["global"], PATTERNS["s2"],
-                                dict(attention="topk", top_k=8)],   # top_k covers all blocks
-                         ids=["global", "s2", "topk_all"])
+                                dict(attention="topk", top_k=8),   # top_k covers all blocks
+                                dict(attention="topk", top_k=8, topk_scores="compressed")],
+                         ids=["global", "s2", "topk_all", "topk_nsa_all"])
 def test_decode_equals_forward(kw):
   """Prefill of 9 tokens (block-sparse over the cache), then 14 decode_attention steps."""
   model = _model(**kw)
@@ -103,10 +105,11 @@ def test_decode_equals_forward(kw):
   assert_rel_close(jnp.concatenate(steps, 1), full, 1e-5, "decode logits")
 
 
-def test_ragged_prefill_equals_forward_of_each_prompt():
+@pytest.mark.parametrize("pattern", ["topk", "topk_nsa"])
+def test_ragged_prefill_equals_forward_of_each_prompt(pattern):
   """Right-padded prompts: each row's prefill equals the forward pass of its prompt
-  alone, with a binding top-k selection (the prompt's own block means)."""
-  model = _model(**PATTERNS["topk"])
+  alone, with a binding top-k selection (the prompt's own block scores)."""
+  model = _model(**PATTERNS[pattern])
   a, b = _tokens((1, 21), 2)[0], _tokens((1, 14), 3)[0]
   prompt = jnp.stack([a, jnp.concatenate([b, jnp.full(7, 5, b.dtype)])])
   logits, cache = _decode(model, prompt, model.init_cache(2, 26), jnp.array([21, 14]))
@@ -118,7 +121,7 @@ def test_ragged_prefill_equals_forward_of_each_prompt():
   assert not np.allclose(dense[0, 16:], ref_a[0, 16:], atol=1e-3)
 
 
-@pytest.mark.parametrize("pattern", ["sliding", "global", "s2", "topk"])
+@pytest.mark.parametrize("pattern", ["sliding", "global", "s2", "topk", "topk_nsa"])
 def test_packed_documents_never_attend_across(pattern):
   """Doc 2's logits do not depend on doc 1's tokens (doc 2 starts at a block
   boundary so that no top-k query block spans both documents)."""
@@ -133,6 +136,47 @@ def test_packed_documents_never_attend_across(pattern):
     assert_rel_close(packed[:, 8:], _forward(model, doc2), 1e-5, "doc 2 alone")
 
 
+def _compressed64(q, k, v, block, seg):
+  """Float64 loops over queries and blocks: NSA's compressed branch with mean pooling."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, H, D = q.shape
+  hkv, nk = k.shape[2], -(-T // block)
+  o, scores = np.zeros_like(q), np.zeros((B, T, hkv, nk))
+  for b in range(B):
+    for i in range(T):
+      blocks = [c for c in range(T // block) if (c + 1) * block - 1 <= i
+                and (seg[b, c * block:(c + 1) * block] == seg[b, i]).all()]
+      for h in range(H):
+        g = h // (H // hkv)
+        if not blocks:
+          continue
+        kbar = np.stack([k[b, c * block:(c + 1) * block, g].mean(0) for c in blocks])
+        vbar = np.stack([v[b, c * block:(c + 1) * block, g].mean(0) for c in blocks])
+        s = kbar @ q[b, i, h] / np.sqrt(D)
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        o[b, i, h] = p @ vbar
+        scores[b, i, g, blocks] += p
+  return o, scores
+
+
+def test_compressed_branch_matches_float64_reference():
+  """compressed_attention: complete past blocks of the query's own segment only,
+  GQA, an incomplete last block, rows before the first complete block give 0."""
+  B, T, block = 2, 23, 4
+  keys = jax.random.split(jax.random.key(7), 3)
+  q = jax.random.normal(keys[0], (B, T, 4, 16))
+  k, v = (jax.random.normal(key, (B, T, 2, 16)) for key in keys[1:])
+  seg = np.array([[1] * T, [1] * 9 + [2] * 14])
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  o, scores = transformer.compressed_attention(q, k, v, pos, block, jnp.asarray(seg),
+                                               jnp.asarray(seg))
+  ref_o, ref_scores = _compressed64(q, k, v, block, seg)
+  assert_rel_close(o, ref_o, 1e-5, "o")
+  assert_rel_close(scores, ref_scores, 1e-5, "scores")
+  assert not np.asarray(o[:, :3]).any()
+
+
 def test_s2_only_in_training():
   """S2 model == dense model (same weights) at inference; S2 when training (rngs)."""
   s2, dense = _model(**PATTERNS["s2"]), _model()
@@ -145,15 +189,15 @@ def test_s2_only_in_training():
 
 
 def test_config_keys_build_every_pattern_and_bad_values_name_the_key():
-  for pattern, kw in PATTERNS.items():
-    cfg = tiny_config(**{"model.attention": pattern, "model.block_size": 8,
-                         **{f"model.{k}": v for k, v in kw.items() if k != "attention"}})
+  for kw in PATTERNS.values():
+    cfg = tiny_config(**{"model.block_size": 8, **{f"model.{k}": v for k, v in kw.items()}})
     model = models.build(cfg.model, rngs=nnx.Rngs(0))
-    assert model.cfg.attention == pattern
+    assert dataclasses.asdict(model.cfg).items() >= kw.items()
   for overrides, key in [({"model.attention": "topk"}, "model.top_k"),
                          ({"model.attention": "s2", "model.s2_group": 1}, "model.s2_group"),
                          ({"model.attention": "global", "model.window": 8}, "model.global_tokens"),
                          ({"model.attention": "bogus"}, "model.attention"),
+                         ({"model.topk_scores": "max"}, "model.topk_scores"),
                          ({"model.block_size": 0}, "model.block_size")]:
     with pytest.raises(config_lib.ConfigError, match=key):
       tiny_config(**overrides)

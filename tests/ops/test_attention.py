@@ -4,6 +4,7 @@ Kernels (interpret mode, cross-lowering) are in test_attention_kernels.py and
 reuse ``check`` from here.
 """
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,8 +175,9 @@ def test_vmap_and_grad_through_vmap():
 # topk_block_attention
 
 
-def topk_dense_mask(q, k, top_k, bs, local, sink, causal):
-  """Independent NumPy selection: [Hq, T, S] bool mask of the chosen blocks."""
+def topk_dense_mask(q, k, top_k, bs, local, sink, causal, token_scores=None):
+  """Independent NumPy selection: [Hq, T, S] bool mask of the chosen blocks
+  (scored by block means, or by the block's rows of ``token_scores[0]``)."""
   qn, kn = np.asarray(q, np.float64)[0], np.asarray(k, np.float64)[0]
   t, hq, _ = qn.shape
   s, hkv, _ = kn.shape
@@ -188,7 +190,11 @@ def topk_dense_mask(q, k, top_k, bs, local, sink, causal):
       qbar = qn[r * bs:last + 1, h].mean(0)
       eligible = [c for c in range(nk) if not causal or c * bs <= last]
       forced = [c for c in eligible if c < sink or last // bs - local < c <= last // bs]
-      rest = sorted((c for c in eligible if c not in forced), key=lambda c: -qbar @ kbar[c])
+      if token_scores is None:
+        score = kbar @ qbar
+      else:
+        score = np.asarray(token_scores, np.float64)[0, h, r * bs:last + 1].sum(0)
+      rest = sorted((c for c in eligible if c not in forced), key=lambda c: -score[c])
       for c in forced + rest[:top_k]:
         out[h, r * bs:last + 1, c * bs:(c + 1) * bs] = True
   if causal:
@@ -208,6 +214,27 @@ def test_topk_vs_independent_selection(causal):
   assert_rel_close(o, ref_o, TOL["float32"])
   for g, r in zip(got, ref_g):
     assert_rel_close(g, r, 2 * TOL["float32"])
+
+
+def test_topk_token_scores():
+  """Caller scores (here random, as NSA's compressed-attention probabilities
+  would be) replace the block means; per-token gates <q_i, mean k> summed
+  over the block rank as the default block-mean score."""
+  q, k, v = qkv(1, 150, 150, 4, 2, 64)
+  w = rand(q.shape)
+  kw = dict(top_k=1, block_size=32, local_blocks=1, sink_blocks=1, impl="xla")
+  scores = rand((1, 4, 150, 5))
+  o, got = _value_and_vjp(lambda q, k, v: A.topk_block_attention(
+      q, k, v, token_scores=scores, **kw), (q, k, v), w)
+  ref_o, ref_g = reference64(q, k, v, A.DenseMask(topk_dense_mask(
+      q, k, 1, 32, 1, 1, True, token_scores=scores)), w)
+  assert_rel_close(o, ref_o, TOL["float32"])
+  for g, r in zip(got, ref_g):
+    assert_rel_close(g, r, 2 * TOL["float32"])
+  kbar = jnp.stack([k[:, c * 32:(c + 1) * 32].mean(1) for c in range(5)], 1)   # [B, nk, Hkv, D]
+  gates = jnp.einsum("bthd,bkhd->bhtk", q, jnp.repeat(kbar, 2, axis=2))
+  chex.assert_trees_all_close(A.topk_block_attention(q, k, v, token_scores=gates, **kw),
+                              A.topk_block_attention(q, k, v, **kw), rtol=1e-5, atol=1e-6)
 
 
 def test_topk_covering_all_blocks_is_dense_causal():
@@ -329,6 +356,9 @@ BAD = {
     "scale": (lambda: A.block_sparse_attention(Q, K, K, scale=0.0), "scale"),
     "top_k": (lambda: A.topk_block_attention(Q, K, K, top_k=-1), "top_k"),
     "topk block": (lambda: A.topk_block_attention(Q, K, K, top_k=1, block_size=0), "block_size"),
+    "topk scores": (lambda: A.topk_block_attention(Q, K, K, top_k=1, block_size=8,
+                                                   token_scores=jnp.zeros((1, 1, 2, 3))),
+                    "token_scores"),
     "topk nothing": (lambda: A.topk_block_attention(Q, K, K, top_k=0, local_blocks=0,
                                                     sink_blocks=0), ">= 1"),
     "decode q rank": (lambda: A.decode_attention(Q, K, K, jnp.ones(1, int)), "q must have shape"),
