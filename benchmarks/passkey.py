@@ -1,12 +1,13 @@
 """Passkey retrieval: dense vs top-k block vs sliding-window attention.
 
-For each pattern of ``passkey.patterns`` a transformer is trained from
-scratch on the default corpus with a pass key planted at a uniformly random
-depth of every context (the task and its two training stages, shared dense
-short contexts then per pattern, are described in ``experiments/passkey.py``)::
+For each pattern of ``passkey.patterns`` (``PATTERNS``: dense, topk,
+topk_nsa, sliding) a transformer is trained on the default corpus with a
+pass key planted at a uniformly random depth of every context (the task and
+its training stages, shared dense short contexts then 4K bytes per pattern,
+are described in ``experiments/passkey.py``)::
 
-  BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
-       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
+  BOS  haystack[:a]  "\\nThe pass key is $K. Remember it. $K is the pass key.\\n"
+       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "K."
 
 The haystack is a random span of the corpus's train split (document breaks
 become newlines). The loss is next-byte prediction on every position, with
@@ -22,7 +23,7 @@ keys in held-out spans at ``passkey.eval_examples`` depths spread evenly over
   from the needle); ``digit_acc`` in the JSON has every digit.
 - ``gen``: greedy generation of the whole key from the prompt alone
   (``gemkit.sample``: prefill, then one ``decode`` step per digit; top-k
-  decodes with Quest page selection).
+  decodes with Quest page selection, topk_nsa too, plus its compressed branch).
 
 Time per training step: median wall time of the steps after the first
 (compilation), each waited for, with the load average of the machine.
@@ -109,6 +110,15 @@ def kv_blocks(m, length: int) -> str:
   return f"{kept}/{nb}"
 
 
+def _overlay(init, params):
+  """``params`` where it has a value, else ``init``: stage 2 starts from the
+  stage-1 weights, and modules stage 1 lacks (the compressed branch of
+  ``topk_scores="compressed"``) from their initial values."""
+  if not isinstance(init, dict):
+    return params
+  return {k: _overlay(v, params[k]) if k in params else v for k, v in init.items()}
+
+
 def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
           batch_size: int, lr: float | None = None,
           probe_every: int = 0) -> tuple[Any, Any, Any, dict]:
@@ -123,7 +133,7 @@ def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
     t.lr = lr
   model = models.build(cfg.model, rngs=nnx.Rngs(cfg.seed))
   graphdef, init, frozen = train_lib.split_model(model)
-  params = init if params is None else params
+  params = init if params is None else _overlay(init, params)
   tx, schedule = optim.make_optimizer(t)
   state = train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                                opt_state=tx.init(params),
@@ -157,10 +167,16 @@ def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
   return graphdef, state.params, state.frozen, stats
 
 
+# pattern of ``passkey.patterns`` -> model config
+PATTERNS = {"dense": {"attention": "dense"}, "sliding": {"attention": "sliding"},
+            "topk": {"attention": "topk", "topk_scores": "mean"},
+            "topk_nsa": {"attention": "topk", "topk_scores": "compressed"}}
+
+
 def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
   """Trains (from ``params``: the shared short-context stage) and evaluates one pattern."""
   cfg = config.copy_and_resolve_references()
-  cfg.model.attention = pattern
+  cfg.model.update(PATTERNS[pattern])
   config_lib.validate(cfg)
   p = cfg.passkey
   graphdef, params, frozen, stats = train(
@@ -187,12 +203,19 @@ def main(argv=None):
   parser.add_argument("--out", default=None)
   parser.add_argument("--stage1", default=None, metavar="PATH",
                       help="pickle of the shared stage's weights and stats: loaded if it "
-                      "exists (for the same model, seed and passkey.pretrain_* keys), else "
+                      "exists (for the same model, seed and passkey.pretrain* keys), else "
                       "written after training it")
   args = parser.parse_args(argv)
   try:
     config = config_lib.load(args.config, **dict(s.split("=", 1) for s in args.set))
   except config_lib.ConfigError as e:
+    parser.error(str(e))
+  for pattern in config.passkey.patterns.split(","):
+    if pattern not in PATTERNS:
+      parser.error(f"passkey.patterns: {pattern!r} is not one of {list(PATTERNS)}")
+  try:
+    stages = task.pretrain_stages(config.passkey.pretrain)
+  except ValueError as e:
     parser.error(str(e))
   machine = common.machine()
   log = functools.partial(print, flush=True)
@@ -202,7 +225,7 @@ def main(argv=None):
   corpus = data_lib.Corpus.from_config(config.data)
   p, params, pretrain = config.passkey, None, None
   stage1_key = json.dumps([config.seed, config.model.to_dict(), config.data.to_dict(),
-                           {k: v for k, v in p.items() if k.startswith("pretrain_")
+                           {k: v for k, v in p.items() if k.startswith("pretrain")
                             or k in ("digits", "distinct_digits", "key_offset", "key_stride", "min_len",
                                      "lm_weight", "train_questions", "answer_weight")}],
                           sort_keys=True, default=str)
@@ -212,16 +235,19 @@ def main(argv=None):
     if saved["key"] != stage1_key:
       parser.error(f"--stage1 {args.stage1} was trained with another config")
     params, pretrain = saved["params"], saved["stats"]
-    log(f"# stage 1 loaded from {args.stage1} ({pretrain['train_s']:.0f} s when trained)")
-  elif p.pretrain_steps:
+    log(f"# stage 1 loaded from {args.stage1} "
+        f"({sum(st['train_s'] for st in pretrain):.0f} s when trained)")
+  elif stages:
     cfg = config.copy_and_resolve_references()
     cfg.model.attention = "dense"
-    _, params, _, pretrain = train(cfg, corpus, log, "pretrain (dense)",
-                                   steps=p.pretrain_steps, seq_len=p.pretrain_len,
-                                   batch_size=p.pretrain_batch, lr=p.pretrain_lr,
-                                   probe_every=p.probe_every)
-    log(f"# pretraining: {p.pretrain_steps} steps x {p.pretrain_batch} x {p.pretrain_len} "
-        f"bytes, {pretrain['step_ms']:.0f} ms/step, {pretrain['train_s']:.0f} s")
+    pretrain = []
+    for length, rows, steps in stages:
+      _, params, _, st = train(cfg, corpus, log, f"pretrain (dense) @{length}", params,
+                               steps=steps, seq_len=length, batch_size=rows,
+                               lr=p.pretrain_lr, probe_every=p.probe_every)
+      pretrain.append({"seq_len": length, "batch_size": rows, "steps": steps, **st})
+      log(f"# pretraining: {steps} steps x {rows} x {length} bytes, "
+          f"{st['step_ms']:.0f} ms/step, {st['train_s']:.0f} s")
     if args.stage1:
       with open(args.stage1, "wb") as f:
         pickle.dump({"key": stage1_key, "params": jax.device_get(params), "stats": pretrain}, f)

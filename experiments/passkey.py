@@ -4,64 +4,44 @@ The task (Mohtashami & Jaggi 2023, "Landmark Attention"), on bytes: a pass key
 planted at a random depth of a span of the default corpus (Python stdlib
 sources), asked for at the end::
 
-  BOS  haystack[:a]  "\\nThe pass key is $71432. Remember it. $71432 is the pass key.\\n"
-       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "71432."
+  BOS  haystack[:a]  "\\nThe pass key is $K. Remember it. $K is the pass key.\\n"
+       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "K."
 
-(the key's digits written as bytes ``key_offset + d``; 48: ASCII).
+Digit i of the 5-digit key K is written as the byte ``key_offset +
+key_stride * i + d`` (default 128 + 10 i + d: one alphabet per position, bytes
+the haystack never holds, as its bytes >= 128 become "?"), so each answer
+digit is one content lookup ("the symbol of alphabet i") rather than an
+induction chain over the ~7 copies of each ASCII digit in 4K bytes of
+source code (with ASCII keys this model never got past 0 whole keys).
+
 ``benchmarks/passkey.py`` trains one byte-level transformer per pattern of
-``passkey.patterns`` from scratch and prints retrieval accuracy and time per
-training step (README "Sparse attention"). Training has two stages:
+``passkey.patterns`` and prints retrieval accuracy and time per training
+step (README "Sparse attention"):
 
-1. shared, dense, on short contexts (``pretrain_len`` bytes): the model learns
-   the byte LM and to copy the key (an induction head). At this length every
-   pattern below is dense attention (``top_k + local + sink`` blocks and the
-   window cover the whole context), so the stage is what each pattern would
-   train alone; it is run once and shared.
+1. shared, dense, ``passkey.pretrain`` stages (256 then 1K bytes): the model
+   learns the byte LM and the lookup. ``rope_theta`` = 1e6 keeps the
+   lookup content-based: at 10,000 the model trained to 896 bytes found the
+   first digit of 0.25 of keys at 4K; at 1e6 the one trained to 1K finds all.
 2. per pattern, from the shared weights, ``train.steps`` steps at
-   ``data.seq_len`` bytes with ``model.attention`` set to the pattern.
+   ``data.seq_len`` = 4K bytes (one row per step) with the pattern on.
 
 Then each model is asked for held-out keys at ``eval_lens`` bytes.
 
-Sparse keys (block_size 64): topk keeps ``top_k`` = 12 selected kv blocks
-plus one local and one sink block, so a query block of a 4K context attends
-to 14 of its 64 kv blocks (22%, the table's ``kv blocks``; 14 of 32 at 2K);
-sliding keeps ``window`` = 896 = 14 x 64 keys, the same number.
+Patterns, all with the same key budget per query block at 4K bytes (blocks
+of 16): ``topk`` and ``topk_nsa`` keep ``top_k`` = 62 selected blocks plus a
+local and a sink block, 64 of 256 (1/4); ``sliding`` keeps a window of 1,024
+keys. ``topk`` ranks blocks by the block-mean query against the block-mean
+key (MoBA's gate averaged over the query block); ``topk_nsa`` by the
+probabilities of a trained compressed-attention branch (NSA; mean pooling,
+``models.transformer.compressed_attention``), whose output joins the
+attention through a gate. Block sizes matter: with blocks of 64 (keep 16
+of 64) the key's few bytes are 1/10 of a block mean and ``topk_nsa``
+reached 0.38 of first digits after 450 steps at 4K; with blocks of 16 it
+reached 0.81 after 200.
 
-Deviations from the issue, forced by a 2-core CPU shared with other jobs
-(dense attention at 4K costs ~9 s per training step of one row there):
-
-- contexts of 2K and 4K bytes at evaluation (the issue: 4K-16K), stage 2
-  training at ``data.seq_len`` = 2K bytes, one row per step, 30 steps (the
-  sparse patterns train there too, so per-step times compare like with like);
-  4K is thus twice the longest trained context for every pattern;
-- a 2-layer model, d_model 128;
-- the score to compare patterns is ``first``, the key's first digit, besides
-  the whole key (``acc``, ``gen``). The first digit follows the needle's "$"
-  and can only come from the needle (chance 1/9): it measures whether
-  attention reaches the needle. Within the budget this model learned that
-  lookup (first digit of 32 held-out keys at 256 bytes after stage 1: 1.00;
-  at 1K: 0.72) but not to chain the other digits: each is found after the
-  previous digit, and the corpus has
-  18 digits per 1K bytes (~7 copies of each digit in a 4K context), so a
-  one-token induction head is ambiguous there. Keys of 5 different digits
-  (``distinct_digits``) remove the ambiguity inside the key. Keys of bytes
-  the corpus lacks (``key_offset`` = 0, bytes 0..9) were tried and learned
-  more slowly in stage 1 (first symbol 0.25 at 256 bytes after 700 steps).
-
-Positional alphabets (``key_offset`` = 128, ``key_stride`` = 10,
-``distinct_digits`` = False: digit i of the key is byte 128 + 10 i + d, a
-byte the haystack never holds) make each digit one content lookup ("the
-symbol of alphabet i") instead of an induction chain. Measured on the same
-2-core CPU (not yet the README table): stage 1 learns whole keys, 1.00 of
-16 held-out keys at 256 bytes after 300 steps and 1.00 at 896 bytes after
-another 50; but the lookup does not stretch to longer contexts by itself
-(dense, 896 -> 4K: 0.25 of first digits), dense training at 4K costs
-4.1 s per step and reached 0.56 first / 0.38 whole keys after 100 steps, and
-top-k's block-mean selection (``topk_block_attention``) kept the needle's
-block for the final query block in about a quarter of the heads and
-examples, i.e. chance, both after dense training and after 80 steps of
-top-k training at 4K (0.19 first digits). The selection itself is not
-trained; it has to follow from keys and queries the attention learns.
+Deviations from the issue, forced by a 2-core CPU: a 2-layer model with
+d_model 128; training contexts up to 4K bytes (evaluation at 4K and 8K,
+where the fixed ``top_k`` keeps 1/8 of the blocks).
 """
 
 from __future__ import annotations
@@ -87,39 +67,55 @@ def get_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 2
   m.head_dim = 32
   m.mlp_dim = 384
+  m.rope_theta = 1e6                # slow rotations: a content lookup that holds over 4K+
   m.attention = "dense"             # set per pattern by benchmarks/passkey.py
-  m.window = 896
-  m.block_size = 64
-  m.top_k = 12
+  m.block_size = 16
+  m.top_k = 62                      # + 1 local + 1 sink = 64 of the 256 blocks of 4K bytes
   m.local_blocks = 1
   m.sink_blocks = 1
+  m.topk_scores = "mean"            # set per pattern (topk: mean, topk_nsa: compressed)
+  m.window = 1024                   # sliding: as many keys as top-k keeps
 
-  c.data.seq_len = 2048             # stage 2 training context (bytes)
-  c.train.steps = 30                # stage 2 steps per pattern
+  c.data.seq_len = 4096             # stage 2 training context (bytes)
+  c.train.steps = 300               # stage 2 steps per pattern
   c.train.batch_size = 1
-  c.train.lr = 1e-3
+  c.train.lr = 2e-3
   c.train.warmup_steps = 5
   c.train.log_every = 10
 
   c.passkey = ml_collections.ConfigDict()
-  c.passkey.patterns = "dense,topk,sliding"   # model.attention of each trained model
+  c.passkey.patterns = "dense,topk_nsa,topk,sliding"   # benchmarks/passkey.py PATTERNS
   c.passkey.digits = 5
-  c.passkey.distinct_digits = True  # keys of 5 different digits
-  c.passkey.key_offset = 48         # digit d at position i of the key is the byte
-  c.passkey.key_stride = 0          #   key_offset + key_stride * i + d (48, 0: ASCII)
+  c.passkey.distinct_digits = False  # True: keys of 5 different digits
+  c.passkey.key_offset = 128        # digit d at position i of the key is the byte
+  c.passkey.key_stride = 10         #   key_offset + key_stride * i + d (48, 0: ASCII)
   c.passkey.min_len = 0             # > 0: rows packed with documents of min_len..len bytes
   c.passkey.lm_weight = 1.0         # loss weight of the haystack bytes
   c.passkey.train_questions = 1     # extra question-answer pairs after the needle (training)
   c.passkey.answer_weight = 50.0    # loss weight of each key byte to copy
-  c.passkey.pretrain_steps = 700    # stage 1 (shared, dense) steps (0: none)
-  c.passkey.pretrain_len = 256
-  c.passkey.pretrain_batch = 8
+  # Stage 1 (shared, dense): "BYTESxROWSxSTEPS" per stage, comma-separated ("": none).
+  c.passkey.pretrain = "256x8x300,1024x4x300"
   c.passkey.pretrain_lr = 3e-3
-  c.passkey.probe_every = 100       # stage 1: held-out accuracy at pretrain_len every N steps
-  c.passkey.eval_lens = "2048,4096"  # held-out context lengths (bytes)
+  c.passkey.probe_every = 100       # stage 1: held-out accuracy at its length every N steps
+  c.passkey.eval_lens = "4096,8192"  # held-out context lengths (bytes)
   c.passkey.eval_examples = 24      # per length, depths spread evenly over [0, 1]
   c.passkey.eval_batch = 4
   return c
+
+
+def pretrain_stages(text: str) -> list[tuple[int, int, int]]:
+  """``passkey.pretrain`` -> [(bytes, rows, steps)] of the shared dense stages."""
+  stages = []
+  for part in filter(None, (x.strip() for x in text.split(","))):
+    try:
+      length, rows, steps = (int(x) for x in part.split("x"))
+    except ValueError:
+      length = rows = steps = 0
+    if min(length, rows, steps) < 1:
+      raise ValueError(f"passkey.pretrain: each stage is BYTESxROWSxSTEPS of positive ints "
+                       f"(e.g. 256x8x300), got {part!r}")
+    stages.append((length, rows, steps))
+  return stages
 
 
 def make_key(rng: np.random.Generator, p: ml_collections.ConfigDict) -> str:

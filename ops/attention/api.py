@@ -341,7 +341,8 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_size=128,
-                     num_splits=None, scale=None, softcap=None, impl="auto", interpret=None):
+                     block_scores=None, num_splits=None, scale=None, softcap=None, impl="auto",
+                     interpret=None):
   """One query token per sequence against a KV cache (flash-decoding).
 
   ``o[b, h] = softmax_j(s_j) v_j`` over cache entries ``j < lengths[b]``
@@ -356,12 +357,16 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   ``sum_d max(q_d kmin_d, q_d kmax_d)``; the ``top_k_blocks`` blocks with the
   largest bound are attended. Deviation: the bound is summed over the query
   heads of a GQA group so the group shares its pages (as NSA); for MHA this
-  is Quest.
+  is Quest. With ``block_scores`` the blocks are ranked by them instead
+  (summed over a group's query heads), e.g. NSA's compressed-attention
+  probabilities of this query.
 
   Args:
     q: ``[B, Hq, D]``; k_cache, v_cache: ``[B, S, Hkv, D]``; lengths: int ``[B]``.
     top_k_blocks: None (all blocks) or the number of blocks to keep.
     block_size: cache block (page) size.
+    block_scores: None or ``[B, Hq, ceil(S / block_size)]``, higher is
+      better (with ``top_k_blocks``); not differentiated.
     num_splits: kernel impls: chunks of the cache processed in parallel
       (default ``min(8, nk // 4)``, at least 1).
     scale, softcap, impl, interpret: as ``block_sparse_attention``.
@@ -389,10 +394,16 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   rep = hq // hkv
   impl, sizes = _resolve("decode_attention", impl, q[:, None], 128, block_size, rep, s)
   bk = sizes.block_kv
+  want = (b, hq, -(-s // block_size))
+  if block_scores is not None and (top_k_blocks is None
+                                   or tuple(block_scores.shape) != want):
+    raise ValueError(f"decode_attention: block_scores must come with top_k_blocks and have "
+                     f"shape [B, Hq, ceil(S / block_size)] = {list(want)}, got "
+                     f"{list(block_scores.shape)} (top_k_blocks={top_k_blocks!r})")
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
   # Query heads of one kv group become the rows of one query block.
   qg = q.reshape(b, hkv, rep, d).transpose(0, 2, 1, 3)               # [B, R, Hkv, D]
-  kinds = reference.decode_block_kinds(qg, k_cache, lengths, top_k_blocks, bk)
+  kinds = reference.decode_block_kinds(qg, k_cache, lengths, top_k_blocks, bk, block_scores)
   nk = kinds.shape[-1]
   bound = nk if top_k_blocks is None else min(top_k_blocks, nk)
   if impl == "xla":

@@ -399,12 +399,14 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
   return kinds, (min(top_k + local_blocks + sink_blocks, per_q), per_kv)
 
 
-def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
+def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int,
+                       block_scores=None):
   """Kinds ``[B, 1 or Hkv, 1, nk]`` of the cache blocks a decode step visits.
 
   FULL for blocks inside ``lengths``, PARTIAL for the block it ends in,
   EMPTY beyond; with ``top_k_blocks`` only the Quest-selected blocks of each
-  kv head (``qg [B, R, Hkv, D]``: the query heads of each group) remain.
+  kv head (``qg [B, R, Hkv, D]``: the query heads of each group) remain, or
+  those with the largest ``block_scores`` ``[B, Hq, nk]`` summed over the group.
   """
   b, s, hkv, d = k_cache.shape
   nk = -(-s // block_kv)
@@ -415,6 +417,10 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
   kinds = kinds.astype(jnp.int8)[:, None, None, :]
   if top_k_blocks is None:
     return kinds
+  if block_scores is not None:
+    upper = jax.lax.stop_gradient(block_scores).astype(jnp.float32)
+    upper = upper.reshape(b, hkv, -1, nk).sum(2)
+    return _keep_top(kinds, jnp.where(nonempty[:, None], upper, -jnp.inf), top_k_blocks)
   kp = jnp.pad(jax.lax.stop_gradient(k_cache).astype(jnp.float32),
                ((0, 0), (0, nk * block_kv - s), (0, 0), (0, 0)))
   kp = kp.reshape(b, nk, block_kv, hkv, d)
@@ -425,7 +431,14 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
   qf = jax.lax.stop_gradient(qg).astype(jnp.float32)[:, None]  # [B, 1, R, Hkv, D]
   upper = jnp.maximum(qf * kmin[:, :, None], qf * kmax[:, :, None]).sum((2, 4))  # [B, nk, Hkv]
   upper = jnp.where(nonempty[..., None], upper, -jnp.inf).transpose(0, 2, 1)
-  vals, ids = jax.lax.top_k(upper, min(top_k_blocks, nk))
+  return _keep_top(kinds, upper, top_k_blocks)
+
+
+def _keep_top(kinds, score, top_k_blocks: int):
+  """``kinds`` [B, 1, 1, nk] restricted per kv head to the ``top_k_blocks``
+  blocks of largest ``score`` [B, Hkv, nk] (-inf: never)."""
+  nk = score.shape[-1]
+  vals, ids = jax.lax.top_k(score, min(top_k_blocks, nk))
   picked = ((ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]).any(-2)
   return jnp.where(picked[:, :, None, :], kinds, masks_lib.EMPTY).astype(jnp.int8)
 

@@ -52,13 +52,14 @@ def test_example_rejects_short_length():
 
 def test_keys_with_repeats_allowed():
   rng = np.random.default_rng(0)
-  keys = [passkey.make_key(rng, _spec(distinct_digits=False)) for _ in range(200)]
+  keys = [passkey.make_key(rng, _spec(distinct_digits=False, key_offset=48, key_stride=0))
+          for _ in range(200)]
   assert all(len(k) == 5 and k.isdigit() and k[0] != "0" for k in keys)
   assert any(len(set(k)) < 5 for k in keys)
 
 
 def test_keys_of_rare_bytes():
-  p = _spec(key_offset=0)
+  p = _spec(key_offset=0, key_stride=0, distinct_digits=True)
   doc, keys, key = passkey.example(HAY, np.random.default_rng(4), 400, p, 0.5)
   codes = [ord(c) for c in key]
   assert len(set(codes)) == 5 and all(1 <= c <= 9 for c in codes[:1]) and max(codes) <= 9
@@ -68,8 +69,10 @@ def test_keys_of_rare_bytes():
 
 
 def test_positional_keys_use_one_alphabet_per_digit():
-  # Digit i of the key is byte 128 + 10 i + d; the haystack's bytes >= 128 become "?".
-  p = _spec(key_offset=128, key_stride=10, distinct_digits=False)
+  # The default: digit i of the key is byte 128 + 10 i + d; the haystack's bytes >= 128
+  # become "?".
+  p = _spec()
+  assert (p.key_offset, p.key_stride, p.distinct_digits) == (128, 10, False)
   hay = np.concatenate([HAY, np.array([0xC3, 0xA9, 200], np.uint16)])
   for seed in range(20):
     doc, keys, key = passkey.example(hay, np.random.default_rng(seed), 400, p, 0.5)
@@ -98,12 +101,21 @@ def test_train_batch_weights_answers(min_len, questions):
     assert answer.sum() == seg.max() * (p.train_questions + 2) * p.digits
     first = np.flatnonzero(answer & ~np.roll(answer, 1))
     assert (inputs[first] == ord(passkey.MARK)).all()
-    assert (targets[answer] >= p.key_offset).all() and (targets[answer] <= p.key_offset + 9).all()
+    symbol = targets[answer].reshape(-1, p.digits) - p.key_offset - p.key_stride * np.arange(5)
+    assert ((symbol >= 0) & (symbol <= 9)).all()
     assert set(np.unique(w)) <= {0.0, p.lm_weight, p.answer_weight}
     assert (w[targets == data_lib.BOS] == 0).all()    # no loss across documents
     if min_len:                                       # documents of >= min_len bytes
       assert (np.bincount(seg)[1:-1] >= min_len).all()
   assert b["segment_ids"].max() > 1 if min_len else b["segment_ids"].max() == 1
+
+
+def test_pretrain_stages():
+  assert passkey.pretrain_stages("256x8x300, 1024x4x300") == [(256, 8, 300), (1024, 4, 300)]
+  assert passkey.pretrain_stages("") == []
+  for bad in ("256x8", "256x0x10", "ax8x300"):
+    with pytest.raises(ValueError, match="passkey.pretrain"):
+      passkey.pretrain_stages(bad)
 
 
 def test_score_teacher_forced():

@@ -322,6 +322,26 @@ def test_decode_quest_selection():
                    decode_reference(q, kc, vc, lengths), TOL["float32"])
 
 
+def test_decode_block_scores_selection():
+  """Caller scores (summed over a GQA group) replace Quest's bounds; blocks past
+  a sequence's length are never kept, however they score."""
+  kc, vc = rand((2, 256, 2, 64)), rand((2, 256, 2, 64))
+  q = rand((2, 4, 64))
+  lengths = jnp.asarray([256, 100], jnp.int32)
+  scores = rand((2, 4, 8)).at[1, :, 5:].set(9.0)
+  group = np.asarray(scores, np.float64).reshape(2, 2, 2, 8).sum(2)            # [B, Hkv, nk]
+  keep = np.zeros((2, 4, 256), bool)
+  for b, n in enumerate((256, 100)):
+    for g in range(2):
+      nonempty = np.arange(-(-n // 32))
+      for c in nonempty[np.argsort(-group[b, g, nonempty])][:3]:
+        keep[b, 2 * g:2 * g + 2, c * 32:(c + 1) * 32] = True
+  mask_fn = lambda b, n: A.DenseMask(np.broadcast_to(keep[b, :, None, :n], (4, n, n)).copy())
+  o = jax.jit(lambda *a: A.decode_attention(*a, top_k_blocks=3, block_size=32, impl="xla",
+                                            block_scores=scores))(q, kc, vc, lengths)
+  assert_rel_close(o, decode_reference(q, kc, vc, lengths, mask_fn), TOL["float32"])
+
+
 # --------------------------------------------------------------------------
 # Bad input
 
@@ -359,6 +379,13 @@ BAD = {
     "topk scores": (lambda: A.topk_block_attention(Q, K, K, top_k=1, block_size=8,
                                                    token_scores=jnp.zeros((1, 1, 2, 3))),
                     "token_scores"),
+    "decode scores": (lambda: A.decode_attention(Q[:, 0], K, K, jnp.array([16]), top_k_blocks=1,
+                                                 block_size=8, block_scores=jnp.zeros((1, 4, 3))),
+                      "block_scores"),
+    "decode scores no top-k": (lambda: A.decode_attention(Q[:, 0], K, K, jnp.array([16]),
+                                                          block_size=8,
+                                                          block_scores=jnp.zeros((1, 4, 2))),
+                               "block_scores must come with top_k_blocks"),
     "topk nothing": (lambda: A.topk_block_attention(Q, K, K, top_k=0, local_blocks=0,
                                                     sink_blocks=0), ">= 1"),
     "decode q rank": (lambda: A.decode_attention(Q, K, K, jnp.ones(1, int)), "q must have shape"),
