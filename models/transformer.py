@@ -33,10 +33,9 @@ of the packed row, so with several documents in a row only the row's first
 tokens / blocks are sinks and S2 groups and top-k blocks are aligned to the
 row (one document per row, as in long-context training, and decoding use
 the document's own positions). A decode step (one new token) runs
-``ops.attention.decode_attention`` on the cache (for topk Quest page
-selection, or with ``topk_scores="compressed"`` the new query's compressed
-probabilities, local and sink blocks forced; the gathered window and sinks
-for sliding / global); a prefill (several new tokens) runs the training
+``ops.attention.decode_attention`` on the cache (Quest page selection for
+topk, also with ``topk_scores="compressed"``, whose branch output is added;
+the gathered window and sinks for sliding / global); a prefill (several new tokens) runs the training
 attention over the cache. Decode equals the forward pass for every pattern
 except the top-k selection, which in the forward pass scores a block by all
 the queries of a query block (later ones included) and at a decode step by
@@ -216,14 +215,13 @@ def _per_shard(op, q, k, v, rows: jax.Array | None, *, impl: str, split_heads: b
   whole sequences of its rows and heads, and no input is gathered.
   q [B, T, Hq, D] ([B, Hq, D] for ``op`` and the result when
   ``single_query``), k/v [B, S, Hkv, D], ``rows`` [B, ...] per-row data
-  (segment ids, lengths) or None; ``scores`` [B, T, Hq, N] ([B, Hq, N] when
-  ``single_query``; top-k block scores) or None, split like q. When the tensor axis does not divide Hkv
+  (segment ids, lengths) or None; ``scores`` [B, T, Hq, N] (top-k block
+  scores) or None, split like q. When the tensor axis does not divide Hkv
   (a GQA group would span shards) each query head gets its own copy of its
   kv head."""
   if single_query:
-    lifted = lambda q, k, v, r, *s: op(q[:, 0], k, v, r, *(x[:, 0] for x in s))[:, None]
-    return _per_shard(lifted, q[:, None], k, v, rows, impl=impl, split_heads=split_heads,
-                      scores=None if scores is None else scores[:, None])[:, 0]
+    return _per_shard(lambda q, k, v, r: op(q[:, 0], k, v, r)[:, None], q[:, None], k, v,
+                      rows, impl=impl, split_heads=split_heads)[:, 0]
   heads = "heads" if split_heads else None
   if (split_heads and common.may_use_kernel(impl)
       and k.shape[2] % layers.mesh_shards("kv_heads")):
@@ -331,12 +329,13 @@ class Attention(nnx.Module):
     k_cache = write(k_cache, k.astype(k_cache.dtype), lengths)
     v_cache = write(v_cache, v.astype(v_cache.dtype), lengths)
     kc, vc = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
-    if Tn == 1 and self.compressed:
-      o_cmp, scores = compressed_attention(q, kc, vc, positions, self.cfg.block_size)
-      o = self._decode_step(q[:, 0], kc, vc, lengths + 1, self._decode_scores(scores, lengths))
-      o = o[:, None] + self._gate(x)[..., None].astype(o.dtype) * o_cmp
-    elif Tn == 1:
+    if Tn == 1:
       o = self._decode_step(q[:, 0], kc, vc, lengths + 1)[:, None]
+      # Pages by Quest bounds, not the branch's probabilities: on the same passkey
+      # weights they generated 0.96 vs 0.75 of 24 keys at 4K (benchmarks/README.md).
+      if self.compressed:
+        o_cmp, _ = compressed_attention(q, kc, vc, positions, self.cfg.block_size)
+        o = o + self._gate(x)[..., None].astype(o.dtype) * o_cmp
     elif self.cfg.attention in ("dense", "s2"):
       k_pos = jnp.broadcast_to(jnp.arange(kc.shape[1]), (B, kc.shape[1]))
       ones = jnp.ones_like
@@ -363,21 +362,10 @@ class Attention(nnx.Module):
     o = self.attend(q_all, jnp.where(k_ok, kc, 0), jnp.where(k_ok, vc, 0), None, gate=gate)
     return jax.vmap(lambda a, at: jax.lax.dynamic_slice_in_dim(a, at, Tn, 0))(o, lengths)
 
-  def _decode_scores(self, scores: jax.Array, position: jax.Array) -> jax.Array:
-    """The compressed branch's scores [B, 1, Hkv, nk] of the query at ``position``
-    [B] -> block scores [B, Hq, nk] with its local and sink blocks forced (+inf),
-    as the forward pass's selection forces them."""
-    cfg = self.cfg
-    c, last = jnp.arange(scores.shape[-1]), (position // cfg.block_size)[:, None]
-    forced = (c < cfg.sink_blocks) | ((c <= last) & (c > last - cfg.local_blocks))
-    scores = jnp.where(forced[:, None], jnp.inf, scores[:, 0])
-    return jnp.repeat(scores, cfg.num_heads // cfg.num_kv_heads, axis=1)
-
-  def _decode_step(self, q, kc, vc, lengths, scores=None):
+  def _decode_step(self, q, kc, vc, lengths):
     """One query q [B, Hq, D] per sequence, its key already at lengths - 1:
-    ``decode_attention`` on the cache (dense, s2, topk: Quest pages, or the
-    blocks of the best ``scores`` [B, Hq, nk]) or on the gathered sinks and
-    window (global, sliding)."""
+    ``decode_attention`` on the cache (dense, s2, topk: Quest pages) or on the
+    gathered sinks and window (global, sliding)."""
     cfg = self.cfg
     kw = dict(block_size=cfg.block_size, impl=cfg.attention_impl)
     if cfg.attention == "topk":
@@ -392,10 +380,8 @@ class Attention(nnx.Module):
       kc, vc = _gather_keys(kc, index), _gather_keys(vc, index)
       # The valid entries (index < lengths) are a prefix: sinks, then the window.
       lengths = jnp.minimum(lengths, n) + jnp.clip(lengths - start, 0, w)
-    op = lambda q, kc, vc, lengths, scores=None: attention_ops.decode_attention(
-        q, kc, vc, lengths, block_scores=scores, **kw)
-    return _per_shard(op, q, kc, vc, lengths, impl=cfg.attention_impl, single_query=True,
-                      scores=scores)
+    op = lambda q, kc, vc, lengths: attention_ops.decode_attention(q, kc, vc, lengths, **kw)
+    return _per_shard(op, q, kc, vc, lengths, impl=cfg.attention_impl, single_query=True)
 
 
 class Block(nnx.Module):
