@@ -226,8 +226,9 @@ def main(argv=None):
   p, params, pretrain = config.passkey, None, None
   stage1_key = json.dumps([config.seed, config.model.to_dict(), config.data.to_dict(),
                            {k: v for k, v in p.items() if k.startswith("pretrain")
-                            or k in ("digits", "distinct_digits", "key_offset", "key_stride", "min_len",
-                                     "lm_weight", "train_questions", "answer_weight")}],
+                            or k in ("digits", "distinct_digits", "key_offset", "key_stride",
+                                     "min_len", "lm_weight", "train_questions",
+                                     "answer_weight")}],
                           sort_keys=True, default=str)
   if args.stage1 and os.path.exists(args.stage1):
     with open(args.stage1, "rb") as f:

@@ -35,8 +35,8 @@ row (one document per row, as in long-context training, and decoding use
 the document's own positions). A decode step (one new token) runs
 ``ops.attention.decode_attention`` on the cache (Quest page selection for
 topk, also with ``topk_scores="compressed"``, whose branch output is added;
-the gathered window and sinks for sliding / global); a prefill (several new tokens) runs the training
-attention over the cache. Decode equals the forward pass for every pattern
+the gathered window and sinks for sliding / global); a prefill (several new
+tokens) runs the training attention over the cache. Decode equals the forward pass for every pattern
 except the top-k selection, which in the forward pass scores a block by all
 the queries of a query block (later ones included) and at a decode step by
 the one new query.
