@@ -195,6 +195,22 @@ def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
   return row
 
 
+# Model keys that only the patterns of stage 2 read (stage 1 is dense).
+_PATTERN_ONLY = ("attention", "window", "block_size", "top_k", "local_blocks", "sink_blocks",
+                 "topk_scores", "query_block", "s2_group", "global_tokens", "attention_impl")
+
+
+def stage1_key(config) -> str:
+  """What the shared dense stage depends on: seed, model (less the pattern
+  keys), data and the passkey keys of the training rows."""
+  model = {k: v for k, v in config.model.to_dict().items() if k not in _PATTERN_ONLY}
+  task_keys = {k: v for k, v in config.passkey.items() if k.startswith("pretrain")
+               or k in ("digits", "distinct_digits", "key_offset", "key_stride", "min_len",
+                        "lm_weight", "train_questions", "answer_weight")}
+  return json.dumps([config.seed, model, config.data.to_dict(), task_keys], sort_keys=True,
+                    default=str)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="experiments/passkey.py")
@@ -224,16 +240,11 @@ def main(argv=None):
       f"{config.train.batch_size} x {config.data.seq_len} bytes per pattern")
   corpus = data_lib.Corpus.from_config(config.data)
   p, params, pretrain = config.passkey, None, None
-  stage1_key = json.dumps([config.seed, config.model.to_dict(), config.data.to_dict(),
-                           {k: v for k, v in p.items() if k.startswith("pretrain")
-                            or k in ("digits", "distinct_digits", "key_offset", "key_stride",
-                                     "min_len", "lm_weight", "train_questions",
-                                     "answer_weight")}],
-                          sort_keys=True, default=str)
+  key = stage1_key(config)
   if args.stage1 and os.path.exists(args.stage1):
     with open(args.stage1, "rb") as f:
       saved = pickle.load(f)
-    if saved["key"] != stage1_key:
+    if saved["key"] != key:
       parser.error(f"--stage1 {args.stage1} was trained with another config")
     params, pretrain = saved["params"], saved["stats"]
     log(f"# stage 1 loaded from {args.stage1} "
@@ -251,7 +262,7 @@ def main(argv=None):
           f"{st['step_ms']:.0f} ms/step, {st['train_s']:.0f} s")
     if args.stage1:
       with open(args.stage1, "wb") as f:
-        pickle.dump({"key": stage1_key, "params": jax.device_get(params), "stats": pretrain}, f)
+        pickle.dump({"key": key, "params": jax.device_get(params), "stats": pretrain}, f)
   rows = [run_pattern(config, pattern, corpus, log, params)
           for pattern in p.patterns.split(",")]
   lens = list(rows[0]["eval"])

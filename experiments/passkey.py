@@ -74,6 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
   m.local_blocks = 1
   m.sink_blocks = 1
   m.topk_scores = "mean"            # set per pattern (topk: mean, topk_nsa: compressed)
+  m.query_block = 0                 # topk: query rows per selection (0: block_size)
   m.window = 1024                   # sliding: as many keys as top-k keeps
 
   c.data.seq_len = 4096             # stage 2 training context (bytes)

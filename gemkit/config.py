@@ -175,6 +175,8 @@ def _validate_attention(m: ml_collections.ConfigDict) -> None:
            f"must be one of {transformer.TOPK_SCORES}, got {scores!r}")
   _require(m.get("block_size", 128) >= 1, "model.block_size",
            f"must be >= 1, got {m.get('block_size')}")
+  _require(m.get("query_block", 0) >= 0, "model.query_block",
+           f"must be >= 0 (0: model.block_size), got {m.get('query_block')}")
 
 
 def _validate_family(model_cfg: ml_collections.ConfigDict) -> None:

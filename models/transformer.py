@@ -18,8 +18,9 @@ positions in the packed row, always causal and within the segment):
   s2       LongLoRA's shifted sparse attention (Chen et al. 2023): groups of
            ``s2_group`` tokens, half of the heads shifted by half a group;
            in training only, dense at inference (as LongLoRA).
-  topk     per query block of ``block_size``, the ``top_k`` kv blocks whose
-           mean key best matches the block's mean query, plus ``local_blocks``
+  topk     per query block of ``query_block`` rows (default ``block_size``),
+           the ``top_k`` kv blocks of ``block_size`` whose mean key best
+           matches the block's mean query, plus ``local_blocks``
            and ``sink_blocks`` (MoBA / NSA selection / Quest). With
            ``topk_scores="compressed"`` the blocks are ranked as in NSA by a
            trained compressed branch (:func:`compressed_attention`) whose
@@ -85,6 +86,7 @@ class TransformerConfig:
   local_blocks: int = 1         # topk: kv blocks ending at the query block, always kept
   sink_blocks: int = 1          # topk: first kv blocks, always kept
   topk_scores: str = "mean"     # topk: rank blocks by "mean" keys or a "compressed" branch
+  query_block: int = 0          # topk: query rows sharing a selection (0: block_size)
   s2_group: int = 0             # s2: group size G
   global_tokens: int = 0        # global: first tokens seen by (and seeing) all
   attention_impl: str = "auto"  # ops.attention impl: auto | xla | pallas_tpu | pallas_gpu
@@ -105,9 +107,11 @@ class TransformerConfig:
                          f"got {getattr(self, key)}")
     if self.topk_scores not in TOPK_SCORES:
       raise ValueError(f"topk_scores must be one of {TOPK_SCORES}, got {self.topk_scores!r}")
-    if self.block_size < 1 or self.local_blocks < 0 or self.sink_blocks < 0:
-      raise ValueError("block_size must be >= 1 and local_blocks, sink_blocks >= 0, got "
-                       f"{self.block_size}, {self.local_blocks}, {self.sink_blocks}")
+    if (self.block_size < 1 or self.local_blocks < 0 or self.sink_blocks < 0
+        or self.query_block < 0):
+      raise ValueError("block_size must be >= 1 and local_blocks, sink_blocks, query_block "
+                       f">= 0, got {self.block_size}, {self.local_blocks}, {self.sink_blocks}, "
+                       f"{self.query_block}")
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":
@@ -215,22 +219,24 @@ def _per_shard(op, q, k, v, rows: jax.Array | None, *, impl: str, split_heads: b
   whole sequences of its rows and heads, and no input is gathered.
   q [B, T, Hq, D] ([B, Hq, D] for ``op`` and the result when
   ``single_query``), k/v [B, S, Hkv, D], ``rows`` [B, ...] per-row data
-  (segment ids, lengths) or None; ``scores`` [B, T, Hq, N] (top-k block
-  scores) or None, split like q. When the tensor axis does not divide Hkv
-  (a GQA group would span shards) each query head gets its own copy of its
-  kv head."""
+  (segment ids, lengths) or None; ``scores`` [B, T, Hkv, N] (top-k block
+  scores per kv head) or None, split like k. When the tensor axis does not
+  divide Hkv (a GQA group would span shards) each query head gets its own
+  copy of its kv head (and of its scores)."""
   if single_query:
     return _per_shard(lambda q, k, v, r: op(q[:, 0], k, v, r)[:, None], q[:, None], k, v,
                       rows, impl=impl, split_heads=split_heads)[:, 0]
   heads = "heads" if split_heads else None
   if (split_heads and common.may_use_kernel(impl)
       and k.shape[2] % layers.mesh_shards("kv_heads")):
-    k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
+    rep = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x, rep, axis=2) for x in (k, v))
+    scores = None if scores is None else jnp.repeat(scores, rep, axis=2)
   q_names, kv_names = ("batch", None, heads, None), ("batch", None, heads and "kv_heads", None)
   row_names = None if rows is None else ("batch",) + (None,) * (rows.ndim - 1)
   args, names = (q, k, v, rows), (q_names, kv_names, kv_names, row_names)
   if scores is not None:
-    args, names = args + (scores,), names + (q_names,)
+    args, names = args + (scores,), names + (kv_names,)
   return layers.kernel_op(op, impl, names, q_names)(*args)
 
 
@@ -282,11 +288,11 @@ class Attention(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
         o_cmp, scores = compressed_attention(q, k, v, pos, cfg.block_size, segment_ids,
                                              segment_ids)
-        scores = jnp.repeat(scores, q.shape[2] // k.shape[2], axis=2)
 
       def op(q, k, v, seg, scores=None):
         return attention_ops.topk_block_attention(
-            q, k, v, top_k=cfg.top_k, block_size=cfg.block_size, local_blocks=cfg.local_blocks,
+            q, k, v, top_k=cfg.top_k, block_size=cfg.block_size,
+            query_block=cfg.query_block or None, local_blocks=cfg.local_blocks,
             sink_blocks=cfg.sink_blocks, segment_ids=seg, impl=cfg.attention_impl,
             token_scores=None if scores is None else scores.transpose(0, 2, 1, 3))
       o = _per_shard(op, q, k, v, segment_ids, impl=cfg.attention_impl, scores=scores)

@@ -217,6 +217,8 @@ def _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interp
       seq_q=t, seq_kv=s, num_heads=hq, num_kv_heads=hkv,
       interpret=None if impl == "xla" else ops_config.resolve_interpret(interpret,
                                                                         _TARGET[impl]))
+  if impl != "xla" and kinds.shape[1] not in (1, hq):   # kernels: one list per query head
+    kinds = jnp.repeat(kinds, hq // kinds.shape[1], axis=1)
   layout = jax.tree_util.tree_map(jnp.asarray, masks_lib.block_layout(kinds, bounds[0]))
   layout_t = None
   if impl != "xla" and not forward_only:   # kernels' dk/dv: per kv block, its query blocks
@@ -274,12 +276,12 @@ def block_sparse_attention(q, k, v, mask=None, *, segment_ids=None, scale=None, 
   return _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interpret)
 
 
-def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_blocks=1,
-                         causal=True, segment_ids=None, token_scores=None, scale=None,
-                         softcap=None, impl="auto", interpret=None):
+def topk_block_attention(q, k, v, *, top_k, block_size=64, query_block=None, local_blocks=1,
+                         sink_blocks=1, causal=True, segment_ids=None, token_scores=None,
+                         scale=None, softcap=None, impl="auto", interpret=None):
   """Attention over dynamically selected kv blocks (MoBA / NSA selection / Quest).
 
-  Each query block of ``block_size`` rows scores every kv block by the
+  Each query block of ``query_block`` rows scores every kv block by the
   block-mean query against the block-mean key (per query head, against its
   kv head), ``score[qb, kb] = <mean_i q_i, mean_j k_j> = mean_i <q_i, kbar_kb>``
   (MoBA's per-token gate ``<q_i, kbar>`` averaged over the block), or, with
@@ -295,21 +297,29 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
 
   Deviations: MoBA and NSA select per query token (NSA shares the choice
   across a GQA group); here the selection is per query block and query
-  head, the granularity block-sparse kernels run at (Mixture of Block
+  head (per kv head with ``[B, Hkv, ...]`` ``token_scores``), the
+  granularity block-sparse kernels run at (Mixture of Block
   Attention, Lu et al. 2025; Native Sparse Attention, Yuan et al. 2025;
-  Quest, Tang et al. 2024).
+  Quest, Tang et al. 2024). A ``query_block`` smaller than ``block_size``
+  moves towards per-token selection: the attention FLOPs stay
+  ``T * (top_k + local + sink) * block_size``, the gathers grow as
+  ``1 / query_block``.
 
   Args:
     q: ``[B, T, Hq, D]``; k, v: ``[B, S, Hkv, D]``.
     top_k: selected blocks per query block besides the sink and local ones.
-    block_size: query and kv block size (``pallas_tpu`` needs a multiple
-      of 128; shrunk for short sequences like ``BlockSizes.fit``).
+    block_size: kv block size, the unit of selection (``pallas_tpu`` needs a
+      multiple of 128; shrunk for short sequences like ``BlockSizes.fit``).
+    query_block: rows sharing one selection (None: ``block_size``); the
+      kernels' ``block_q`` rules apply.
     local_blocks, sink_blocks: always-kept blocks.
     causal: ``j <= i``.
     segment_ids: as ``block_sparse_attention``; blocks of other documents
       are not eligible (the block means may still span a boundary).
-    token_scores: None or ``[B, Hq, T, ceil(S / block_size)]`` per query row
-      and kv block, higher is better; not differentiated.
+    token_scores: None or ``[B, H, T, ceil(S / block_size)]`` per query row
+      and kv block, higher is better; not differentiated. ``H = Hq``: a
+      selection per query head; ``H = Hkv``: one per kv head, shared by its
+      GQA group as in NSA (fewer gathers on the XLA path).
     scale, softcap, impl, interpret: as ``block_sparse_attention``.
 
   Returns:
@@ -317,8 +327,10 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
   """
   _check_qkv("topk_block_attention", q, k, v)
   _check_scalars(scale, softcap)
+  query_block = block_size if query_block is None else query_block
   for name, val, lo in (("top_k", top_k, 0), ("block_size", block_size, 1),
-                        ("local_blocks", local_blocks, 0), ("sink_blocks", sink_blocks, 0)):
+                        ("query_block", query_block, 1), ("local_blocks", local_blocks, 0),
+                        ("sink_blocks", sink_blocks, 0)):
     if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < lo:
       raise ValueError(f"topk_block_attention: {name} must be an int >= {lo}, got {val!r}")
   if top_k + local_blocks + sink_blocks < 1:
@@ -326,12 +338,14 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
                      f"got {top_k} + {local_blocks} + {sink_blocks}")
   b, t, hq, _ = q.shape
   s = k.shape[1]
-  want = (b, hq, t, -(-s // block_size))   # kv blocks do not change when `fit` shrinks them
-  if token_scores is not None and tuple(token_scores.shape) != want:
-    raise ValueError(f"topk_block_attention: token_scores must have shape [B, Hq, T, "
-                     f"ceil(S / block_size)] = {list(want)}, got {list(token_scores.shape)}")
+  nk = -(-s // block_size)   # kv blocks do not change when `fit` shrinks them
+  if token_scores is not None and tuple(token_scores.shape) not in ((b, hq, t, nk),
+                                                                    (b, k.shape[2], t, nk)):
+    raise ValueError(f"topk_block_attention: token_scores must have shape [B, Hq or Hkv, T, "
+                     f"ceil(S / block_size)] = [{b}, {hq} or {k.shape[2]}, {t}, {nk}], got "
+                     f"{list(token_scores.shape)}")
   segs = _segments(segment_ids, b, t, s)
-  impl, sizes = _resolve("topk_block_attention", impl, q, block_size, block_size, t, s)
+  impl, sizes = _resolve("topk_block_attention", impl, q, query_block, block_size, t, s)
   mask = masks_lib.CausalMask() if causal else masks_lib.FullMask()
   kinds, bounds = reference.topk_block_kinds(
       q, k, mask, top_k=top_k, block_q=sizes.block_q, block_kv=sizes.block_kv,
@@ -341,8 +355,7 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, local_blocks=1, sink_
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_size=128,
-                     block_scores=None, num_splits=None, scale=None, softcap=None, impl="auto",
-                     interpret=None):
+                     num_splits=None, scale=None, softcap=None, impl="auto", interpret=None):
   """One query token per sequence against a KV cache (flash-decoding).
 
   ``o[b, h] = softmax_j(s_j) v_j`` over cache entries ``j < lengths[b]``
@@ -357,16 +370,12 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   ``sum_d max(q_d kmin_d, q_d kmax_d)``; the ``top_k_blocks`` blocks with the
   largest bound are attended. Deviation: the bound is summed over the query
   heads of a GQA group so the group shares its pages (as NSA); for MHA this
-  is Quest. With ``block_scores`` the blocks are ranked by them instead
-  (summed over a group's query heads), e.g. NSA's compressed-attention
-  probabilities of this query.
+  is Quest.
 
   Args:
     q: ``[B, Hq, D]``; k_cache, v_cache: ``[B, S, Hkv, D]``; lengths: int ``[B]``.
     top_k_blocks: None (all blocks) or the number of blocks to keep.
     block_size: cache block (page) size.
-    block_scores: None or ``[B, Hq, ceil(S / block_size)]``, higher is
-      better (with ``top_k_blocks``); not differentiated.
     num_splits: kernel impls: chunks of the cache processed in parallel
       (default ``min(8, nk // 4)``, at least 1).
     scale, softcap, impl, interpret: as ``block_sparse_attention``.
@@ -394,16 +403,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   rep = hq // hkv
   impl, sizes = _resolve("decode_attention", impl, q[:, None], 128, block_size, rep, s)
   bk = sizes.block_kv
-  want = (b, hq, -(-s // block_size))
-  if block_scores is not None and (top_k_blocks is None
-                                   or tuple(block_scores.shape) != want):
-    raise ValueError(f"decode_attention: block_scores must come with top_k_blocks and have "
-                     f"shape [B, Hq, ceil(S / block_size)] = {list(want)}, got "
-                     f"{list(block_scores.shape)} (top_k_blocks={top_k_blocks!r})")
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
   # Query heads of one kv group become the rows of one query block.
   qg = q.reshape(b, hkv, rep, d).transpose(0, 2, 1, 3)               # [B, R, Hkv, D]
-  kinds = reference.decode_block_kinds(qg, k_cache, lengths, top_k_blocks, bk, block_scores)
+  kinds = reference.decode_block_kinds(qg, k_cache, lengths, top_k_blocks, bk)
   nk = kinds.shape[-1]
   bound = nk if top_k_blocks is None else min(top_k_blocks, nk)
   if impl == "xla":

@@ -244,8 +244,9 @@ class _Blocked:
 
   def chunk_context(self, q_seg, layout):
     """Per-chunk scan inputs: list indices/kinds, query positions and segments."""
-    def heads(x):   # [B', H', nq, L] -> [n, B', G', R', c, L]
-      x = x.reshape(x.shape[0], self.g, self.r, *x.shape[2:]) if x.shape[1] > 1 else x[:, :, None]
+    def heads(x):   # [B', H', nq, L] -> [n, B', G', R', c, L]; H' = Hq, Hkv or 1
+      per_head = x.shape[1] == self.g * self.r
+      x = x.reshape(x.shape[0], self.g, self.r, *x.shape[2:]) if per_head else x[:, :, None]
       return self._chunk(x, 3)
     i = jnp.arange(self.nq * self.cfg.block_q).reshape(self.nq, self.cfg.block_q, 1)
     seg = None
@@ -312,7 +313,8 @@ def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do
   kb, vb = blk.to_blocks_kv(k), blk.to_blocks_kv(v)
   delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), -1, keepdims=True)
   rows = tuple(blk.q_chunks(x) for x in (q, do, lse.transpose(0, 2, 1)[..., None], delta))
-  r_sum = "r" if layout.index.shape[1] > 1 else ""   # per-head lists: scatter per query head
+  # Lists per query head: scatter per head; shared by a group (or all): sum first.
+  r_sum = "r" if layout.index.shape[1] == cfg.num_heads and cfg.rep > 1 else ""
 
   def chunk(carry, xs):
     (qb, dob, lse_b, delta_b), (index, kind, i, seg) = xs
@@ -351,12 +353,12 @@ def xla_backward(cfg: Config, q, k, v, q_seg, kv_seg, leaves, layout, o, lse, do
 
 def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
                      local_blocks: int, sink_blocks: int, segment_ids=None, token_scores=None):
-  """Kinds ``[B, Hq, nq, nk]`` of the blocks ``topk_block_attention`` visits.
+  """Kinds ``[B, Hq or Hkv, nq, nk]`` of the blocks ``topk_block_attention`` visits.
 
   Block score ``<mean q of the query block, mean k of the kv block>`` per
   query head (padding rows excluded from the means), or with
-  ``token_scores`` ``[B, Hq, T, nk]`` the sum of the query block's rows of
-  it; kept: the first
+  ``token_scores`` ``[B, Hq or Hkv, T, nk]`` the sum of the query block's
+  rows of it (kinds then per kv head); kept: the first
   ``sink_blocks`` kv blocks, the ``local_blocks`` kv blocks ending at the one
   holding the query block's last position, and the ``top_k`` best-scoring
   other blocks, all among the blocks ``mask`` (and ``segment_ids``, a
@@ -383,7 +385,7 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
   else:
     score = jax.lax.stop_gradient(token_scores).astype(jnp.float32)
     score = jnp.pad(score, ((0, 0), (0, 0), (0, nq * block_q - t), (0, 0)))
-    score = score.reshape(b, hq, nq, block_q, nk).sum(3)
+    score = score.reshape(b, score.shape[1], nq, block_q, nk).sum(3)
   eligible = base > 0
   kb = np.arange(nk)[None, :]
   kb_last = np.minimum((np.minimum(np.arange(1, nq + 1) * block_q, t) - 1) // block_kv,
@@ -399,14 +401,12 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
   return kinds, (min(top_k + local_blocks + sink_blocks, per_q), per_kv)
 
 
-def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int,
-                       block_scores=None):
+def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
   """Kinds ``[B, 1 or Hkv, 1, nk]`` of the cache blocks a decode step visits.
 
   FULL for blocks inside ``lengths``, PARTIAL for the block it ends in,
   EMPTY beyond; with ``top_k_blocks`` only the Quest-selected blocks of each
-  kv head (``qg [B, R, Hkv, D]``: the query heads of each group) remain, or
-  those with the largest ``block_scores`` ``[B, Hq, nk]`` summed over the group.
+  kv head (``qg [B, R, Hkv, D]``: the query heads of each group) remain.
   """
   b, s, hkv, d = k_cache.shape
   nk = -(-s // block_kv)
@@ -417,10 +417,6 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int,
   kinds = kinds.astype(jnp.int8)[:, None, None, :]
   if top_k_blocks is None:
     return kinds
-  if block_scores is not None:
-    upper = jax.lax.stop_gradient(block_scores).astype(jnp.float32)
-    upper = upper.reshape(b, hkv, -1, nk).sum(2)
-    return _keep_top(kinds, jnp.where(nonempty[:, None], upper, -jnp.inf), top_k_blocks)
   kp = jnp.pad(jax.lax.stop_gradient(k_cache).astype(jnp.float32),
                ((0, 0), (0, nk * block_kv - s), (0, 0), (0, 0)))
   kp = kp.reshape(b, nk, block_kv, hkv, d)
@@ -430,15 +426,8 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int,
   kmax = jnp.where(valid, kp, -jnp.inf).max(2)
   qf = jax.lax.stop_gradient(qg).astype(jnp.float32)[:, None]  # [B, 1, R, Hkv, D]
   upper = jnp.maximum(qf * kmin[:, :, None], qf * kmax[:, :, None]).sum((2, 4))  # [B, nk, Hkv]
-  upper = jnp.where(nonempty[..., None], upper, -jnp.inf).transpose(0, 2, 1)
-  return _keep_top(kinds, upper, top_k_blocks)
-
-
-def _keep_top(kinds, score, top_k_blocks: int):
-  """``kinds`` [B, 1, 1, nk] restricted per kv head to the ``top_k_blocks``
-  blocks of largest ``score`` [B, Hkv, nk] (-inf: never)."""
-  nk = score.shape[-1]
-  vals, ids = jax.lax.top_k(score, min(top_k_blocks, nk))
+  upper = jnp.where(nonempty[..., None], upper, -jnp.inf).transpose(0, 2, 1)  # [B, Hkv, nk]
+  vals, ids = jax.lax.top_k(upper, min(top_k_blocks, nk))
   picked = ((ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]).any(-2)
   return jnp.where(picked[:, :, None, :], kinds, masks_lib.EMPTY).astype(jnp.int8)
 

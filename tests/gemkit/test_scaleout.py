@@ -369,6 +369,46 @@ def test_pallas_ops_run_per_shard_inside_the_sharded_model():
   assert "train.batch_size: 6 rows do not split over the data x fsdp = 4" in r["bad_batch"]
 
 
+# Top-k with NSA scores on the Triton path: the per-kv-head block scores are
+# split with the kv heads (tensor 2 of Hkv 2), or copied per query head when
+# the tensor axis does not divide Hkv (tensor 4); logits equal the unsharded.
+TOPK_SHARD_SCRIPT = SPY_PRELUDE + r"""
+from ops import attention
+from tests.helpers import tiny_config
+
+attention.topk_block_attention = spy("topk", attention.topk_block_attention)
+cfg = tiny_config(**{"model.attention": "topk", "model.topk_scores": "compressed",
+                     "model.top_k": 1, "model.block_size": 16, "model.query_block": 16,
+                     "model.attention_impl": "pallas_gpu", "model.num_heads": 4,
+                     "model.num_kv_heads": 2}).model
+model = models.build(cfg, rngs=nnx.Rngs(0))
+graphdef, state = nnx.split(model)
+forward = jax.jit(lambda s, t, g: nnx.merge(graphdef, s)(t, g))
+tokens = jax.random.randint(jax.random.key(1), (4, 80), 0, 256)
+seg = jnp.ones_like(tokens)
+want = forward(state, tokens, seg)
+report = {}
+for tensor in (2, 4):
+  seen.clear()
+  mesh = sharding.make_mesh({"data": 8 // tensor, "tensor": tensor})
+  with sharding.activate(mesh):
+    got = forward(jax.device_put(state, sharding.param_shardings(state, mesh)), tokens, seg)
+  report[tensor] = {"err": float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want))),
+                    "sharded": sorted(seen["topk"])}
+print(json.dumps(report))
+"""
+
+
+def test_topk_scores_follow_the_kv_head_shards():
+  out = subprocess.run([sys.executable, "-c", TOPK_SHARD_SCRIPT], cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+  assert out.returncode == 0, out.stderr[-4000:]
+  r = _last_json(out.stdout)
+  assert r["2"]["err"] < 1e-5 and r["4"]["err"] < 1e-5, r
+  assert r["2"]["sharded"] == [[1, 80, 2, 16]]      # q per shard: 4/4 rows, 4/2 heads
+  assert r["4"]["sharded"] == [[2, 80, 1, 16]]      # 4/2 rows, 4/4 heads (kv copied)
+
+
 # The recurrent families with their scans on the Pallas (Triton, interpreted)
 # path on the same mesh: each scan sees its rows and heads (matrix state) or
 # channels (diagonal), and the logits equal the unsharded model's.

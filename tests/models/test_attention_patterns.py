@@ -24,6 +24,7 @@ PATTERNS = {
     "s2": dict(attention="s2", s2_group=6),
     "topk": dict(attention="topk", top_k=1),      # 3 of the 6 blocks of 23 tokens
     "topk_nsa": dict(attention="topk", top_k=1, topk_scores="compressed"),
+    "topk_nsa_q2": dict(attention="topk", top_k=1, topk_scores="compressed", query_block=2),
 }
 
 _forward = nnx.jit(lambda m, tok, seg=None, train=None: m(tok, seg, train=train),
@@ -105,7 +106,7 @@ def test_decode_equals_forward(kw):
   assert_rel_close(jnp.concatenate(steps, 1), full, 1e-5, "decode logits")
 
 
-@pytest.mark.parametrize("pattern", ["topk", "topk_nsa"])
+@pytest.mark.parametrize("pattern", ["topk", "topk_nsa", "topk_nsa_q2"])
 def test_ragged_prefill_equals_forward_of_each_prompt(pattern):
   """Right-padded prompts: each row's prefill equals the forward pass of its prompt
   alone, with a binding top-k selection (the prompt's own block scores)."""
@@ -198,7 +199,8 @@ def test_config_keys_build_every_pattern_and_bad_values_name_the_key():
                          ({"model.attention": "global", "model.window": 8}, "model.global_tokens"),
                          ({"model.attention": "bogus"}, "model.attention"),
                          ({"model.topk_scores": "max"}, "model.topk_scores"),
-                         ({"model.block_size": 0}, "model.block_size")]:
+                         ({"model.block_size": 0}, "model.block_size"),
+                         ({"model.query_block": -1}, "model.query_block")]:
     with pytest.raises(config_lib.ConfigError, match=key):
       tiny_config(**overrides)
   with pytest.raises(ValueError, match="s2_group >= 2"):

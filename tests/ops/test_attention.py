@@ -175,28 +175,30 @@ def test_vmap_and_grad_through_vmap():
 # topk_block_attention
 
 
-def topk_dense_mask(q, k, top_k, bs, local, sink, causal, token_scores=None):
+def topk_dense_mask(q, k, top_k, bs, local, sink, causal, token_scores=None, bq=None):
   """Independent NumPy selection: [Hq, T, S] bool mask of the chosen blocks
-  (scored by block means, or by the block's rows of ``token_scores[0]``)."""
+  (query blocks of ``bq`` rows, default ``bs``; scored by block means, or by
+  the block's rows of ``token_scores[0]``)."""
   qn, kn = np.asarray(q, np.float64)[0], np.asarray(k, np.float64)[0]
   t, hq, _ = qn.shape
   s, hkv, _ = kn.shape
-  nq, nk = -(-t // bs), -(-s // bs)
+  bq = bq or bs
+  nq, nk = -(-t // bq), -(-s // bs)
   out = np.zeros((hq, t, s), bool)
   for h in range(hq):
     kbar = np.stack([kn[c * bs:(c + 1) * bs, h // (hq // hkv)].mean(0) for c in range(nk)])
     for r in range(nq):
-      last = min((r + 1) * bs, t) - 1
-      qbar = qn[r * bs:last + 1, h].mean(0)
+      first, last = r * bq, min((r + 1) * bq, t) - 1
+      qbar = qn[first:last + 1, h].mean(0)
       eligible = [c for c in range(nk) if not causal or c * bs <= last]
       forced = [c for c in eligible if c < sink or last // bs - local < c <= last // bs]
       if token_scores is None:
         score = kbar @ qbar
       else:
-        score = np.asarray(token_scores, np.float64)[0, h, r * bs:last + 1].sum(0)
+        score = np.asarray(token_scores, np.float64)[0, h, first:last + 1].sum(0)
       rest = sorted((c for c in eligible if c not in forced), key=lambda c: -score[c])
       for c in forced + rest[:top_k]:
-        out[h, r * bs:last + 1, c * bs:(c + 1) * bs] = True
+        out[h, first:last + 1, c * bs:(c + 1) * bs] = True
   if causal:
     out &= np.tril(np.ones((t, s), bool))
   return out
@@ -214,6 +216,24 @@ def test_topk_vs_independent_selection(causal):
   assert_rel_close(o, ref_o, TOL["float32"])
   for g, r in zip(got, ref_g):
     assert_rel_close(g, r, 2 * TOL["float32"])
+
+
+@pytest.mark.parametrize("bq", [8, 20])
+def test_topk_query_block_smaller_than_kv_block(bq):
+  """Query blocks of ``bq`` rows select among kv blocks of 32 (forced local
+  blocks follow each query block's last row), with and without scores."""
+  q, k, v = qkv(1, 150, 150, 4, 2, 64)
+  w = rand(q.shape)
+  scores = rand((1, 4, 150, 5))
+  kw = dict(top_k=1, block_size=32, query_block=bq, local_blocks=1, sink_blocks=1, impl="xla")
+  for ts in (None, scores):
+    o, got = _value_and_vjp(lambda q, k, v: A.topk_block_attention(
+        q, k, v, token_scores=ts, **kw), (q, k, v), w)
+    ref_o, ref_g = reference64(q, k, v, A.DenseMask(topk_dense_mask(
+        q, k, 1, 32, 1, 1, True, token_scores=ts, bq=bq)), w)
+    assert_rel_close(o, ref_o, TOL["float32"])
+    for g, r in zip(got, ref_g):
+      assert_rel_close(g, r, 2 * TOL["float32"])
 
 
 def test_topk_token_scores():
@@ -235,6 +255,20 @@ def test_topk_token_scores():
   gates = jnp.einsum("bthd,bkhd->bhtk", q, jnp.repeat(kbar, 2, axis=2))
   chex.assert_trees_all_close(A.topk_block_attention(q, k, v, token_scores=gates, **kw),
                               A.topk_block_attention(q, k, v, **kw), rtol=1e-5, atol=1e-6)
+
+
+def test_topk_scores_per_kv_head_are_shared_by_the_group():
+  """[B, Hkv, T, nk] scores select once per kv head: the same attention and
+  gradients as those scores repeated over the group's query heads."""
+  q, k, v = qkv(2, 150, 150, 8, 2, 64)
+  w = rand(q.shape)
+  scores = rand((2, 2, 150, 5))
+  kw = dict(top_k=1, block_size=32, query_block=8, impl="xla")
+  shared = _value_and_vjp(lambda q, k, v: A.topk_block_attention(
+      q, k, v, token_scores=scores, **kw), (q, k, v), w)
+  per_head = _value_and_vjp(lambda q, k, v: A.topk_block_attention(
+      q, k, v, token_scores=jnp.repeat(scores, 4, axis=1), **kw), (q, k, v), w)
+  chex.assert_trees_all_close(shared, per_head, rtol=1e-5, atol=1e-5)
 
 
 def test_topk_covering_all_blocks_is_dense_causal():
@@ -322,26 +356,6 @@ def test_decode_quest_selection():
                    decode_reference(q, kc, vc, lengths), TOL["float32"])
 
 
-def test_decode_block_scores_selection():
-  """Caller scores (summed over a GQA group) replace Quest's bounds; blocks past
-  a sequence's length are never kept, however they score."""
-  kc, vc = rand((2, 256, 2, 64)), rand((2, 256, 2, 64))
-  q = rand((2, 4, 64))
-  lengths = jnp.asarray([256, 100], jnp.int32)
-  scores = rand((2, 4, 8)).at[1, :, 5:].set(9.0)
-  group = np.asarray(scores, np.float64).reshape(2, 2, 2, 8).sum(2)            # [B, Hkv, nk]
-  keep = np.zeros((2, 4, 256), bool)
-  for b, n in enumerate((256, 100)):
-    for g in range(2):
-      nonempty = np.arange(-(-n // 32))
-      for c in nonempty[np.argsort(-group[b, g, nonempty])][:3]:
-        keep[b, 2 * g:2 * g + 2, c * 32:(c + 1) * 32] = True
-  mask_fn = lambda b, n: A.DenseMask(np.broadcast_to(keep[b, :, None, :n], (4, n, n)).copy())
-  o = jax.jit(lambda *a: A.decode_attention(*a, top_k_blocks=3, block_size=32, impl="xla",
-                                            block_scores=scores))(q, kc, vc, lengths)
-  assert_rel_close(o, decode_reference(q, kc, vc, lengths, mask_fn), TOL["float32"])
-
-
 # --------------------------------------------------------------------------
 # Bad input
 
@@ -376,16 +390,11 @@ BAD = {
     "scale": (lambda: A.block_sparse_attention(Q, K, K, scale=0.0), "scale"),
     "top_k": (lambda: A.topk_block_attention(Q, K, K, top_k=-1), "top_k"),
     "topk block": (lambda: A.topk_block_attention(Q, K, K, top_k=1, block_size=0), "block_size"),
+    "topk query block": (lambda: A.topk_block_attention(Q, K, K, top_k=1, query_block=0),
+                         "query_block"),
     "topk scores": (lambda: A.topk_block_attention(Q, K, K, top_k=1, block_size=8,
                                                    token_scores=jnp.zeros((1, 1, 2, 3))),
                     "token_scores"),
-    "decode scores": (lambda: A.decode_attention(Q[:, 0], K, K, jnp.array([16]), top_k_blocks=1,
-                                                 block_size=8, block_scores=jnp.zeros((1, 4, 3))),
-                      "block_scores"),
-    "decode scores no top-k": (lambda: A.decode_attention(Q[:, 0], K, K, jnp.array([16]),
-                                                          block_size=8,
-                                                          block_scores=jnp.zeros((1, 4, 2))),
-                               "block_scores must come with top_k_blocks"),
     "topk nothing": (lambda: A.topk_block_attention(Q, K, K, top_k=0, local_blocks=0,
                                                     sink_blocks=0), ">= 1"),
     "decode q rank": (lambda: A.decode_attention(Q, K, K, jnp.ones(1, int)), "q must have shape"),
