@@ -170,7 +170,8 @@ def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
 # pattern of ``passkey.patterns`` -> model config
 PATTERNS = {"dense": {"attention": "dense"}, "sliding": {"attention": "sliding"},
             "topk": {"attention": "topk", "topk_scores": "mean"},
-            "topk_nsa": {"attention": "topk", "topk_scores": "compressed"}}
+            "topk_nsa": {"attention": "topk", "topk_scores": "compressed",
+                         "compressed_branch": True}}
 
 
 def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
@@ -197,7 +198,8 @@ def run_pattern(config, pattern: str, corpus, log, params=None) -> dict:
 
 # Model keys that only the patterns of stage 2 read (stage 1 is dense).
 _PATTERN_ONLY = ("attention", "window", "block_size", "top_k", "local_blocks", "sink_blocks",
-                 "topk_scores", "query_block", "s2_group", "global_tokens", "attention_impl")
+                 "topk_scores", "compressed_branch", "query_block", "s2_group", "global_tokens",
+                 "attention_impl")
 
 
 def stage1_key(config) -> str:

@@ -31,7 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.top_k = 0                 # topk: selected kv blocks per query block
   c.model.local_blocks = 1          # topk: kv blocks ending at the query block, always kept
   c.model.sink_blocks = 1           # topk: first kv blocks, always kept
-  c.model.topk_scores = "mean"      # topk: rank blocks by "mean" keys or an NSA "compressed" branch
+  c.model.topk_scores = "mean"      # topk: rank blocks by "mean" keys, "quest" bounds, "compressed"
+  c.model.compressed_branch = False  # topk: add NSA's gated compressed-attention output
   c.model.query_block = 0           # topk: query rows sharing one selection (0: block_size)
   c.model.s2_group = 0              # s2: LongLoRA S2-Attn group size (training only)
   c.model.global_tokens = 0         # global: first tokens seen by and seeing all

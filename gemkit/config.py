@@ -173,6 +173,9 @@ def _validate_attention(m: ml_collections.ConfigDict) -> None:
   scores = m.get("topk_scores", "mean")
   _require(scores in transformer.TOPK_SCORES, "model.topk_scores",
            f"must be one of {transformer.TOPK_SCORES}, got {scores!r}")
+  _require(scores != "compressed" or m.get("compressed_branch", False),
+           "model.compressed_branch", "must be True with model.topk_scores='compressed' "
+           "(the branch computes the scores)")
   _require(m.get("block_size", 128) >= 1, "model.block_size",
            f"must be >= 1, got {m.get('block_size')}")
   _require(m.get("query_block", 0) >= 0, "model.query_block",

@@ -19,12 +19,14 @@ positions in the packed row, always causal and within the segment):
            ``s2_group`` tokens, half of the heads shifted by half a group;
            in training only, dense at inference (as LongLoRA).
   topk     per query block of ``query_block`` rows (default ``block_size``),
-           the ``top_k`` kv blocks of ``block_size`` whose mean key best
-           matches the block's mean query, plus ``local_blocks``
-           and ``sink_blocks`` (MoBA / NSA selection / Quest). With
-           ``topk_scores="compressed"`` the blocks are ranked as in NSA by a
-           trained compressed branch (:func:`compressed_attention`) whose
-           output is added through a sigmoid gate.
+           the ``top_k`` best kv blocks of ``block_size``, plus
+           ``local_blocks`` and ``sink_blocks`` (MoBA / NSA selection /
+           Quest). ``topk_scores`` ranks blocks by the block-mean key against
+           the block-mean query ("mean", MoBA), by Quest's bound on each
+           query's score in the block ("quest", the criterion decode uses),
+           or by the probabilities of NSA's compressed branch
+           ("compressed"). ``compressed_branch`` adds that branch's output
+           (:func:`compressed_attention`) through a sigmoid gate.
   global   i - j < window or j < global_tokens (sink / global tokens:
            StreamingLLM, Longformer).
 
@@ -35,7 +37,7 @@ tokens / blocks are sinks and S2 groups and top-k blocks are aligned to the
 row (one document per row, as in long-context training, and decoding use
 the document's own positions). A decode step (one new token) runs
 ``ops.attention.decode_attention`` on the cache (Quest page selection for
-topk, also with ``topk_scores="compressed"``, whose branch output is added;
+topk, whatever ``topk_scores``, plus the compressed branch's output if on;
 the gathered window and sinks for sliding / global); a prefill (several new
 tokens) runs the training attention over the cache. Decode equals the forward pass for every pattern
 except the top-k selection, which in the forward pass scores a block by all
@@ -61,7 +63,7 @@ from ops import common
 PATTERN_KEYS = {"dense": {}, "sliding": {"window": 1}, "s2": {"s2_group": 2},
                 "topk": {"top_k": 1}, "global": {"window": 1, "global_tokens": 1}}
 ATTENTION_PATTERNS = tuple(PATTERN_KEYS)
-TOPK_SCORES = ("mean", "compressed")
+TOPK_SCORES = ("mean", "quest", "compressed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +87,8 @@ class TransformerConfig:
   top_k: int = 0                # topk: selected kv blocks per query block
   local_blocks: int = 1         # topk: kv blocks ending at the query block, always kept
   sink_blocks: int = 1          # topk: first kv blocks, always kept
-  topk_scores: str = "mean"     # topk: rank blocks by "mean" keys or a "compressed" branch
+  topk_scores: str = "mean"     # topk: rank blocks by "mean" keys, "quest" bounds, "compressed"
+  compressed_branch: bool = False  # topk: add NSA's gated compressed-attention output
   query_block: int = 0          # topk: query rows sharing a selection (0: block_size)
   s2_group: int = 0             # s2: group size G
   global_tokens: int = 0        # global: first tokens seen by (and seeing) all
@@ -107,6 +110,9 @@ class TransformerConfig:
                          f"got {getattr(self, key)}")
     if self.topk_scores not in TOPK_SCORES:
       raise ValueError(f"topk_scores must be one of {TOPK_SCORES}, got {self.topk_scores!r}")
+    if self.topk_scores == "compressed" and not self.compressed_branch:
+      raise ValueError("topk_scores='compressed' ranks blocks by the compressed branch: it "
+                       "needs compressed_branch=True")
     if (self.block_size < 1 or self.local_blocks < 0 or self.sink_blocks < 0
         or self.query_block < 0):
       raise ValueError("block_size must be >= 1 and local_blocks, sink_blocks, query_block "
@@ -258,7 +264,7 @@ class Attention(nnx.Module):
 
   @property
   def compressed(self) -> bool:
-    return self.cfg.attention == "topk" and self.cfg.topk_scores == "compressed"
+    return self.cfg.attention == "topk" and self.cfg.compressed_branch
 
   def _qkv(self, x: jax.Array, positions: jax.Array):
     B, T, _ = x.shape
@@ -279,7 +285,7 @@ class Attention(nnx.Module):
              gate: jax.Array | None = None) -> jax.Array:
     """The pattern's causal attention, q [B, T, Hq, D], k/v [B, T, Hkv, D] at
     positions 0..T-1 of the row; ``segment_ids`` [B, T] or None (one segment);
-    ``gate`` [B, T, Hq]: the compressed branch's gate (topk_scores="compressed")."""
+    ``gate`` [B, T, Hq]: the compressed branch's gate (compressed_branch=True)."""
     cfg = self.cfg
     mask = pattern_mask(cfg, train)
     if cfg.attention == "topk":
@@ -288,13 +294,19 @@ class Attention(nnx.Module):
         pos = jnp.broadcast_to(jnp.arange(q.shape[1]), q.shape[:2])
         o_cmp, scores = compressed_attention(q, k, v, pos, cfg.block_size, segment_ids,
                                              segment_ids)
+      if cfg.topk_scores != "compressed":
+        scores = None
 
       def op(q, k, v, seg, scores=None):
+        if cfg.topk_scores == "quest":
+          scores = attention_ops.quest_scores(q, k, block_size=cfg.block_size)
+        elif scores is not None:
+          scores = scores.transpose(0, 2, 1, 3)
         return attention_ops.topk_block_attention(
             q, k, v, top_k=cfg.top_k, block_size=cfg.block_size,
             query_block=cfg.query_block or None, local_blocks=cfg.local_blocks,
             sink_blocks=cfg.sink_blocks, segment_ids=seg, impl=cfg.attention_impl,
-            token_scores=None if scores is None else scores.transpose(0, 2, 1, 3))
+            token_scores=scores)
       o = _per_shard(op, q, k, v, segment_ids, impl=cfg.attention_impl, scores=scores)
       return o if o_cmp is None else o + gate[..., None].astype(o.dtype) * o_cmp
     if mask is not None:

@@ -3,6 +3,7 @@
 from ops.attention.api import BlockSizes
 from ops.attention.api import block_sparse_attention
 from ops.attention.api import decode_attention
+from ops.attention.api import quest_scores
 from ops.attention.api import topk_block_attention
 from ops.attention.masks import BlockLayout
 from ops.attention.masks import CausalMask

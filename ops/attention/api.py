@@ -354,6 +354,31 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, query_block=None, loc
   return _run(impl, sizes, q, k, v, mask, segs, kinds, bounds, scale, softcap, interpret)
 
 
+def quest_scores(q, k, *, block_size=64):
+  """Per-token block scores for ``topk_block_attention``: Quest's bound.
+
+  ``u[b, g, i, c] = sum_{h in g} sum_d max(q_ihd kmin_cd, q_ihd kmax_cd)``
+  with ``kmin_c``/``kmax_c`` the elementwise min/max of kv block ``c``'s keys:
+  an upper bound of ``sum_{h in g} max_{j in c} <q_ih, k_j>`` (Tang et al.
+  2024, "Quest"), summed over the query heads of each GQA group so a group
+  shares its selection (as NSA). ``decode_attention(top_k_blocks=...)``
+  ranks cache pages by the same bound, so a model that trains with these
+  scores selects as it decodes.
+
+  Args:
+    q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
+    block_size: kv block size (as ``topk_block_attention``'s).
+
+  Returns:
+    ``[B, Hkv, T, ceil(S / block_size)]`` float32, not differentiated.
+  """
+  _check_qkv("quest_scores", q, k, k)
+  if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or \
+      block_size < 1:
+    raise ValueError(f"quest_scores: block_size must be an int >= 1, got {block_size!r}")
+  return reference.quest_bound(q, *reference.key_block_bounds(k, block_size))
+
+
 def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_size=128,
                      num_splits=None, scale=None, softcap=None, impl="auto", interpret=None):
   """One query token per sequence against a KV cache (flash-decoding).

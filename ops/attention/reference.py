@@ -417,19 +417,49 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
   kinds = kinds.astype(jnp.int8)[:, None, None, :]
   if top_k_blocks is None:
     return kinds
-  kp = jnp.pad(jax.lax.stop_gradient(k_cache).astype(jnp.float32),
-               ((0, 0), (0, nk * block_kv - s), (0, 0), (0, 0)))
-  kp = kp.reshape(b, nk, block_kv, hkv, d)
-  valid = (jnp.arange(nk * block_kv).reshape(nk, block_kv)[None] < lengths[:, None, None])
-  valid = valid[..., None, None]
-  kmin = jnp.where(valid, kp, jnp.inf).min(2)                  # [B, nk, Hkv, D]
-  kmax = jnp.where(valid, kp, -jnp.inf).max(2)
-  qf = jax.lax.stop_gradient(qg).astype(jnp.float32)[:, None]  # [B, 1, R, Hkv, D]
-  upper = jnp.maximum(qf * kmin[:, :, None], qf * kmax[:, :, None]).sum((2, 4))  # [B, nk, Hkv]
-  upper = jnp.where(nonempty[..., None], upper, -jnp.inf).transpose(0, 2, 1)  # [B, Hkv, nk]
+  kmin, kmax = key_block_bounds(k_cache, block_kv, lengths)
+  q = qg.transpose(0, 2, 1, 3).reshape(b, 1, -1, d)                 # [B, 1, Hq, D]
+  upper = jnp.where(nonempty[:, None], quest_bound(q, kmin, kmax)[:, :, 0], -jnp.inf)
   vals, ids = jax.lax.top_k(upper, min(top_k_blocks, nk))
   picked = ((ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]).any(-2)
   return jnp.where(picked[:, :, None, :], kinds, masks_lib.EMPTY).astype(jnp.int8)
+
+
+def key_block_bounds(k, block_kv: int, lengths=None):
+  """Quest's page metadata: elementwise ``(min, max)`` of each kv block's keys.
+
+  ``k [B, S, Hkv, D]`` -> two ``[B, nk, Hkv, D]`` float32 (no gradient), with
+  ``nk = ceil(S / block_kv)``; keys at or past ``lengths [B]`` (default S)
+  are left out, and an empty block gives zeros.
+  """
+  b, s, hkv, d = k.shape
+  nk = -(-s // block_kv)
+  kp = jnp.pad(jax.lax.stop_gradient(k).astype(jnp.float32),
+               ((0, 0), (0, nk * block_kv - s), (0, 0), (0, 0))).reshape(b, nk, block_kv, hkv, d)
+  end = jnp.full((b,), s) if lengths is None else jnp.minimum(lengths, s)
+  valid = (jnp.arange(nk * block_kv).reshape(nk, block_kv)[None] < end[:, None, None])
+  valid = valid[..., None, None]
+  nonempty = valid.any(2)
+  kmin = jnp.where(nonempty, jnp.where(valid, kp, jnp.inf).min(2), 0.0)
+  kmax = jnp.where(nonempty, jnp.where(valid, kp, -jnp.inf).max(2), 0.0)
+  return kmin, kmax
+
+
+def quest_bound(q, kmin, kmax):
+  """Quest's upper bound of ``<q_i, k_j>`` over each block (Tang et al. 2024),
+  summed over the query heads of a GQA group::
+
+    u[g, i, c] = sum_{h in g} sum_d max(q_hd kmin_cd, q_hd kmax_cd)
+               = sum_{h in g} relu(q_h) . kmax_c - relu(-q_h) . kmin_c
+
+  ``q [B, T, Hq, D]``, ``kmin``/``kmax`` ``[B, nk, Hkv, D]`` -> ``[B, Hkv, T, nk]``
+  float32, no gradient. ``u >= sum_{h in g} max_{j in c} <q_h, k_j>``.
+  """
+  b, t, hq, d = q.shape
+  hkv = kmin.shape[2]
+  qg = jax.lax.stop_gradient(q).astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
+  return (jnp.einsum("btgrd,bcgd->bgtc", jax.nn.relu(qg), kmax)
+          - jnp.einsum("btgrd,bcgd->bgtc", jax.nn.relu(-qg), kmin))
 
 
 def xla_decode(qg, k_cache, v_cache, lengths, layout, block_kv: int, scale: float, softcap):

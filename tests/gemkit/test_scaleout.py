@@ -378,6 +378,7 @@ from tests.helpers import tiny_config
 
 attention.topk_block_attention = spy("topk", attention.topk_block_attention)
 cfg = tiny_config(**{"model.attention": "topk", "model.topk_scores": "compressed",
+                     "model.compressed_branch": True,
                      "model.top_k": 1, "model.block_size": 16, "model.query_block": 16,
                      "model.attention_impl": "pallas_gpu", "model.num_heads": 4,
                      "model.num_kv_heads": 2}).model

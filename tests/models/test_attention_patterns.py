@@ -23,8 +23,12 @@ PATTERNS = {
     "global": dict(attention="global", window=4, global_tokens=3),
     "s2": dict(attention="s2", s2_group=6),
     "topk": dict(attention="topk", top_k=1),      # 3 of the 6 blocks of 23 tokens
-    "topk_nsa": dict(attention="topk", top_k=1, topk_scores="compressed"),
-    "topk_nsa_q2": dict(attention="topk", top_k=1, topk_scores="compressed", query_block=2),
+    "topk_quest": dict(attention="topk", top_k=1, topk_scores="quest"),
+    "topk_nsa": dict(attention="topk", top_k=1, topk_scores="compressed", compressed_branch=True),
+    "topk_nsa_q2": dict(attention="topk", top_k=1, topk_scores="compressed",
+                        compressed_branch=True, query_block=2),
+    "topk_quest_branch": dict(attention="topk", top_k=1, topk_scores="quest",
+                              compressed_branch=True),
 }
 
 _forward = nnx.jit(lambda m, tok, seg=None, train=None: m(tok, seg, train=train),
@@ -90,7 +94,8 @@ def test_griffin_local_attention_config_uses_local_mask():
 
 @pytest.mark.parametrize("kw", [PATTERNS["global"], PATTERNS["s2"],
                                 dict(attention="topk", top_k=8),   # top_k covers all blocks
-                                dict(attention="topk", top_k=8, topk_scores="compressed")],
+                                dict(attention="topk", top_k=8, topk_scores="compressed",
+                                     compressed_branch=True)],
                          ids=["global", "s2", "topk_all", "topk_nsa_all"])
 def test_decode_equals_forward(kw):
   """Prefill of 9 tokens (block-sparse over the cache), then 14 decode_attention steps."""
@@ -106,7 +111,8 @@ def test_decode_equals_forward(kw):
   assert_rel_close(jnp.concatenate(steps, 1), full, 1e-5, "decode logits")
 
 
-@pytest.mark.parametrize("pattern", ["topk", "topk_nsa", "topk_nsa_q2"])
+@pytest.mark.parametrize("pattern", ["topk", "topk_quest", "topk_nsa", "topk_nsa_q2",
+                                     "topk_quest_branch"])
 def test_ragged_prefill_equals_forward_of_each_prompt(pattern):
   """Right-padded prompts: each row's prefill equals the forward pass of its prompt
   alone, with a binding top-k selection (the prompt's own block scores)."""
@@ -122,7 +128,8 @@ def test_ragged_prefill_equals_forward_of_each_prompt(pattern):
   assert not np.allclose(dense[0, 16:], ref_a[0, 16:], atol=1e-3)
 
 
-@pytest.mark.parametrize("pattern", ["sliding", "global", "s2", "topk", "topk_nsa"])
+@pytest.mark.parametrize("pattern", ["sliding", "global", "s2", "topk", "topk_quest",
+                                     "topk_nsa"])
 def test_packed_documents_never_attend_across(pattern):
   """Doc 2's logits do not depend on doc 1's tokens (doc 2 starts at a block
   boundary so that no top-k query block spans both documents)."""
@@ -199,6 +206,7 @@ def test_config_keys_build_every_pattern_and_bad_values_name_the_key():
                          ({"model.attention": "global", "model.window": 8}, "model.global_tokens"),
                          ({"model.attention": "bogus"}, "model.attention"),
                          ({"model.topk_scores": "max"}, "model.topk_scores"),
+                         ({"model.topk_scores": "compressed"}, "model.compressed_branch"),
                          ({"model.block_size": 0}, "model.block_size"),
                          ({"model.query_block": -1}, "model.query_block")]:
     with pytest.raises(config_lib.ConfigError, match=key):

@@ -271,6 +271,26 @@ def test_topk_scores_per_kv_head_are_shared_by_the_group():
   chex.assert_trees_all_close(shared, per_head, rtol=1e-5, atol=1e-5)
 
 
+def test_quest_scores_bound_the_block_maxima():
+  """Explicit NumPy Quest bound per (kv head, query, block), S not a multiple
+  of the block; it bounds the group's summed in-block maxima of <q, k>."""
+  q, k, _ = qkv(2, 37, 70, 4, 2, 16)
+  got = np.asarray(A.quest_scores(q, k, block_size=32))
+  qn, kn = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  want = np.zeros((2, 2, 37, 3))
+  maxima = np.zeros_like(want)
+  for b in range(2):
+    for g in range(2):
+      for c in range(3):
+        keys = kn[b, c * 32:(c + 1) * 32, g]
+        for h in (2 * g, 2 * g + 1):
+          want[b, g, :, c] += np.maximum(qn[b, :, h] * keys.min(0),
+                                         qn[b, :, h] * keys.max(0)).sum(-1)
+          maxima[b, g, :, c] += (qn[b, :, h] @ keys.T).max(-1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  assert np.all(got >= maxima - 1e-4)
+
+
 def test_topk_covering_all_blocks_is_dense_causal():
   q, k, v = qkv(2, 100, 100, 8, 2, 64)
   w = rand(q.shape)
@@ -395,6 +415,7 @@ BAD = {
     "topk scores": (lambda: A.topk_block_attention(Q, K, K, top_k=1, block_size=8,
                                                    token_scores=jnp.zeros((1, 1, 2, 3))),
                     "token_scores"),
+    "quest block": (lambda: A.quest_scores(Q, K, block_size=0), "block_size"),
     "topk nothing": (lambda: A.topk_block_attention(Q, K, K, top_k=0, local_blocks=0,
                                                     sink_blocks=0), ">= 1"),
     "decode q rank": (lambda: A.decode_attention(Q, K, K, jnp.ones(1, int)), "q must have shape"),
