@@ -1,10 +1,11 @@
 """Passkey retrieval: dense vs top-k block vs sliding-window attention.
 
 For each pattern of ``passkey.patterns`` (``PATTERNS``: dense, topk,
-topk_nsa, sliding) a transformer is trained on the default corpus with a
-pass key planted at a uniformly random depth of every context (the task and
-its training stages, shared dense short contexts then 4K bytes per pattern,
-are described in ``experiments/passkey.py``)::
+topk_quest, topk_quest_nsa, topk_nsa, sliding) a transformer is trained on
+the default corpus with a pass key planted at a uniformly random depth of
+every context (the task, its training stages, shared dense short contexts
+then 4K bytes per pattern, and the patterns are described in
+``experiments/passkey.py``)::
 
   BOS  haystack[:a]  "\\nThe pass key is $K. Remember it. $K is the pass key.\\n"
        haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "K."
@@ -22,8 +23,9 @@ keys in held-out spans at ``passkey.eval_examples`` depths spread evenly over
 - ``first``: the same for the key's first digit alone (it can only come
   from the needle); ``digit_acc`` in the JSON has every digit.
 - ``gen``: greedy generation of the whole key from the prompt alone
-  (``gemkit.sample``: prefill, then one ``decode`` step per digit; top-k
-  decodes with Quest page selection, topk_nsa too, plus its compressed branch).
+  (``gemkit.sample``: prefill, then one ``decode`` step per digit; every
+  top-k pattern decodes with Quest page selection, plus the compressed
+  branch's output where the pattern has one).
 
 Time per training step: median wall time of the steps after the first
 (compilation), each waited for, with the load average of the machine.
@@ -170,6 +172,9 @@ def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
 # pattern of ``passkey.patterns`` -> model config
 PATTERNS = {"dense": {"attention": "dense"}, "sliding": {"attention": "sliding"},
             "topk": {"attention": "topk", "topk_scores": "mean"},
+            "topk_quest": {"attention": "topk", "topk_scores": "quest"},
+            "topk_quest_nsa": {"attention": "topk", "topk_scores": "quest",
+                               "compressed_branch": True},
             "topk_nsa": {"attention": "topk", "topk_scores": "compressed",
                          "compressed_branch": True}}
 
@@ -268,12 +273,13 @@ def main(argv=None):
   rows = [run_pattern(config, pattern, corpus, log, params)
           for pattern in p.patterns.split(",")]
   lens = list(rows[0]["eval"])
-  log(f"{'pattern':<8} {'kv blocks':>9} {'ms/step':>8} {'loss':>6} "
+  w = max(len(r["pattern"]) for r in rows)
+  log(f"{'pattern':<{w}} {'kv blocks':>9} {'ms/step':>8} {'loss':>6} "
       + " ".join(f"{'acc@' + str(n):>9} {'first@' + str(n):>10} {'gen@' + str(n):>9}"
                  for n in lens)
       + f"  first@{lens[-1]} by depth quarter")
   for r in rows:
-    log(f"{r['pattern']:<8} {r['kv_blocks']:>9} {r['step_ms']:>8.0f} {r['final_loss']:>6.3f} "
+    log(f"{r['pattern']:<{w}} {r['kv_blocks']:>9} {r['step_ms']:>8.0f} {r['final_loss']:>6.3f} "
         + " ".join(f"{r['eval'][n]['acc']:>9.2f} {r['eval'][n]['first']:>10.2f} "
                    f"{r['eval'][n]['gen']:>9.2f}" for n in lens)
         + "  " + " ".join(f"{a:.2f}" for a in r["eval"][lens[-1]]["first_by_depth_quarter"]))

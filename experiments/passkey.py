@@ -28,16 +28,22 @@ step (README "Sparse attention"):
 Then each model is asked for held-out keys at ``eval_lens`` bytes.
 
 Patterns, all with the same key budget per query block at 4K bytes (blocks
-of 16): ``topk`` and ``topk_nsa`` keep ``top_k`` = 62 selected blocks plus a
+of 16): the ``topk*`` patterns keep ``top_k`` = 62 selected blocks plus a
 local and a sink block, 64 of 256 (1/4); ``sliding`` keeps a window of 1,024
-keys. ``topk`` ranks blocks by the block-mean query against the block-mean
-key (MoBA's gate averaged over the query block); ``topk_nsa`` by the
-probabilities of a trained compressed-attention branch (NSA; mean pooling,
-``models.transformer.compressed_attention``), whose output joins the
-attention through a gate. Block sizes matter: with blocks of 64 (keep 16
-of 64) the key's few bytes are 1/10 of a block mean and ``topk_nsa``
-reached 0.38 of first digits after 450 steps at 4K; with blocks of 16 it
-reached 0.81 after 200.
+keys. They differ in how a query block ranks the kv blocks:
+
+- ``topk``: block-mean query against block-mean key (MoBA's gate averaged
+  over the query block), as the issue specifies.
+- ``topk_quest``: Quest's bound ``sum_d max(q_d kmin_d, q_d kmax_d)`` per
+  query row, summed over the block's rows and the GQA group
+  (``ops.attention.quest_scores``), the criterion decode pages use too.
+- ``topk_quest_nsa``: the same, plus NSA's compressed branch (mean pooling,
+  ``models.transformer.compressed_attention``) added through a gate.
+- ``topk_nsa``: the compressed branch's probabilities rank the blocks.
+
+Block sizes matter: with blocks of 64 (keep 16 of 64) the key's few bytes
+are 1/10 of a block mean and ``topk_nsa`` reached 0.38 of first digits
+after 450 steps at 4K; with blocks of 16 it reached 0.81 after 200.
 
 Deviations from the issue, forced by a 2-core CPU: a 2-layer model with
 d_model 128; training contexts up to 4K bytes (evaluation at 4K and 8K,
@@ -85,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10
 
   c.passkey = ml_collections.ConfigDict()
-  c.passkey.patterns = "dense,topk_nsa,topk,sliding"   # benchmarks/passkey.py PATTERNS
+  c.passkey.patterns = "dense,topk_quest,topk_quest_nsa,topk,sliding"  # benchmarks/passkey.py
   c.passkey.digits = 5
   c.passkey.distinct_digits = False  # True: keys of 5 different digits
   c.passkey.key_offset = 128        # digit d at position i of the key is the byte

@@ -39,10 +39,10 @@ the document's own positions). A decode step (one new token) runs
 ``ops.attention.decode_attention`` on the cache (Quest page selection for
 topk, whatever ``topk_scores``, plus the compressed branch's output if on;
 the gathered window and sinks for sliding / global); a prefill (several new
-tokens) runs the training attention over the cache. Decode equals the forward pass for every pattern
-except the top-k selection, which in the forward pass scores a block by all
-the queries of a query block (later ones included) and at a decode step by
-the one new query.
+tokens) runs the training attention over the cache. Decode equals the
+forward pass for every pattern except the top-k selection, which in the
+forward pass scores a block by all the queries of a query block (later ones
+included) and at a decode step by the one new query.
 """
 
 from __future__ import annotations

@@ -286,7 +286,8 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, query_block=None, loc
   kv head), ``score[qb, kb] = <mean_i q_i, mean_j k_j> = mean_i <q_i, kbar_kb>``
   (MoBA's per-token gate ``<q_i, kbar>`` averaged over the block), or, with
   ``token_scores``, by ``sum_{i in qb} token_scores[i, kb]`` (e.g. NSA's
-  compressed-attention probabilities, which a model trains), and keeps the
+  compressed-attention probabilities, which a model trains, or Quest's
+  bound from ``quest_scores``), and keeps the
   ``top_k`` best-scoring eligible blocks plus the ``sink_blocks`` first kv
   blocks and the ``local_blocks`` kv blocks ending at the one that holds the
   query block's last position; then runs block-sparse attention over them
@@ -319,7 +320,8 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, query_block=None, loc
     token_scores: None or ``[B, H, T, ceil(S / block_size)]`` per query row
       and kv block, higher is better; not differentiated. ``H = Hq``: a
       selection per query head; ``H = Hkv``: one per kv head, shared by its
-      GQA group as in NSA (fewer gathers on the XLA path).
+      GQA group as in NSA (fewer gathers on the XLA path). ``quest_scores``
+      gives Quest's bound in this layout.
     scale, softcap, impl, interpret: as ``block_sparse_attention``.
 
   Returns:
@@ -363,7 +365,9 @@ def quest_scores(q, k, *, block_size=64):
   2024, "Quest"), summed over the query heads of each GQA group so a group
   shares its selection (as NSA). ``decode_attention(top_k_blocks=...)``
   ranks cache pages by the same bound, so a model that trains with these
-  scores selects as it decodes.
+  scores selects as it decodes. Deviation: Quest is an inference method
+  that picks pages per decode query; ranking a query block's kv blocks by
+  the sum of its rows' bounds, and training with that selection, is ours.
 
   Args:
     q: ``[B, T, Hq, D]``; k: ``[B, S, Hkv, D]``.
