@@ -153,6 +153,11 @@ def _check_scalars(scale, softcap) -> None:
     raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
 
 
+def _check_int(op: str, name: str, val, lo: int) -> None:
+  if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < lo:
+    raise ValueError(f"{op}: {name} must be an int >= {lo}, got {val!r}")
+
+
 def _segments(segment_ids, b: int, t: int, s: int):
   """Normalises ``segment_ids`` to a ``(q_seg [B, T], kv_seg [B, S])`` int32 pair."""
   if segment_ids is None:
@@ -333,8 +338,7 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, query_block=None, loc
   for name, val, lo in (("top_k", top_k, 0), ("block_size", block_size, 1),
                         ("query_block", query_block, 1), ("local_blocks", local_blocks, 0),
                         ("sink_blocks", sink_blocks, 0)):
-    if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < lo:
-      raise ValueError(f"topk_block_attention: {name} must be an int >= {lo}, got {val!r}")
+    _check_int("topk_block_attention", name, val, lo)
   if top_k + local_blocks + sink_blocks < 1:
     raise ValueError("topk_block_attention: top_k + local_blocks + sink_blocks must be >= 1, "
                      f"got {top_k} + {local_blocks} + {sink_blocks}")
@@ -377,9 +381,7 @@ def quest_scores(q, k, *, block_size=64):
     ``[B, Hkv, T, ceil(S / block_size)]`` float32, not differentiated.
   """
   _check_qkv("quest_scores", q, k, k)
-  if not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool) or \
-      block_size < 1:
-    raise ValueError(f"quest_scores: block_size must be an int >= 1, got {block_size!r}")
+  _check_int("quest_scores", "block_size", block_size, 1)
   return reference.quest_bound(q, *reference.key_block_bounds(k, block_size))
 
 
@@ -435,7 +437,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, top_k_blocks=None, block_s
   lengths = jnp.clip(lengths.astype(jnp.int32), 0, s)
   # Query heads of one kv group become the rows of one query block.
   qg = q.reshape(b, hkv, rep, d).transpose(0, 2, 1, 3)               # [B, R, Hkv, D]
-  kinds = reference.decode_block_kinds(qg, k_cache, lengths, top_k_blocks, bk)
+  kinds = reference.decode_block_kinds(q, k_cache, lengths, top_k_blocks, bk)
   nk = kinds.shape[-1]
   bound = nk if top_k_blocks is None else min(top_k_blocks, nk)
   if impl == "xla":

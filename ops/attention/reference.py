@@ -401,14 +401,14 @@ def topk_block_kinds(q, k, mask, *, top_k: int, block_q: int, block_kv: int,
   return kinds, (min(top_k + local_blocks + sink_blocks, per_q), per_kv)
 
 
-def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
+def decode_block_kinds(q, k_cache, lengths, top_k_blocks, block_kv: int):
   """Kinds ``[B, 1 or Hkv, 1, nk]`` of the cache blocks a decode step visits.
 
   FULL for blocks inside ``lengths``, PARTIAL for the block it ends in,
-  EMPTY beyond; with ``top_k_blocks`` only the Quest-selected blocks of each
-  kv head (``qg [B, R, Hkv, D]``: the query heads of each group) remain.
+  EMPTY beyond; with ``top_k_blocks`` only the blocks of each kv head with
+  the largest Quest bound for the query ``q [B, Hq, D]`` remain.
   """
-  b, s, hkv, d = k_cache.shape
+  s = k_cache.shape[1]
   nk = -(-s // block_kv)
   lo = jnp.arange(nk) * block_kv
   nonempty = lo[None] < lengths[:, None]
@@ -418,8 +418,7 @@ def decode_block_kinds(qg, k_cache, lengths, top_k_blocks, block_kv: int):
   if top_k_blocks is None:
     return kinds
   kmin, kmax = key_block_bounds(k_cache, block_kv, lengths)
-  q = qg.transpose(0, 2, 1, 3).reshape(b, 1, -1, d)                 # [B, 1, Hq, D]
-  upper = jnp.where(nonempty[:, None], quest_bound(q, kmin, kmax)[:, :, 0], -jnp.inf)
+  upper = jnp.where(nonempty[:, None], quest_bound(q[:, None], kmin, kmax)[:, :, 0], -jnp.inf)
   vals, ids = jax.lax.top_k(upper, min(top_k_blocks, nk))
   picked = ((ids[..., None] == jnp.arange(nk)) & (vals > -jnp.inf)[..., None]).any(-2)
   return jnp.where(picked[:, :, None, :], kinds, masks_lib.EMPTY).astype(jnp.int8)

@@ -104,6 +104,15 @@ def _last_json(stdout):
   return json.loads(stdout.strip().splitlines()[-1])
 
 
+def _run_script(script, *args, devices=8):
+  """Runs ``python -c script args`` on ``devices`` fake CPU devices; its last
+  stdout line, parsed as JSON."""
+  out = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO, env=_env(devices),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return _last_json(out.stdout)
+
+
 def _npz(path):
   data = np.load(path)
   return [data[k] for k in sorted(data.files, key=lambda s: int(s.split("_")[1]))]
@@ -201,11 +210,8 @@ def test_restore_8_device_checkpoint_onto_fewer_devices(setup, two_processes, de
     loss = [r["loss"] for r in t.run(1) if r["split"] == "train"][0]
     t.close()
   else:
-    out = subprocess.run([sys.executable, "-c", RESTORE_SCRIPT, str(tmp_path / "run"),
-                          json.dumps(overrides)], cwd=REPO, env=_env(devices),
-                         capture_output=True, text=True, timeout=TIMEOUT)
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = _last_json(out.stdout)
+    result = _run_script(RESTORE_SCRIPT, str(tmp_path / "run"), json.dumps(overrides),
+                         devices=devices)
     assert result["devices"] == devices
     restored, resumed_from, loss = (_npz(tmp_path / "run" / "restored.npz"),
                                     result["resumed_from"], result["loss"])
@@ -354,10 +360,7 @@ print(json.dumps({"bad_batch": bad_batch,
 
 
 def test_pallas_ops_run_per_shard_inside_the_sharded_model():
-  out = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT], cwd=REPO, env=_env(8),
-                       capture_output=True, text=True, timeout=TIMEOUT)
-  assert out.returncode == 0, out.stderr[-4000:]
-  r = _last_json(out.stdout)
+  r = _run_script(SHARD_MAP_SCRIPT)
   assert max(r["err"]) < 1e-5, r
   # [B, T, H, D] = [8, 64, 4, 16] whole; per shard 8/4 rows and 4/2 heads.
   assert r["unsharded"]["attention"] == [[8, 64, 4, 16]]
@@ -401,10 +404,7 @@ print(json.dumps(report))
 
 
 def test_topk_scores_follow_the_kv_head_shards():
-  out = subprocess.run([sys.executable, "-c", TOPK_SHARD_SCRIPT], cwd=REPO, env=_env(8),
-                       capture_output=True, text=True, timeout=TIMEOUT)
-  assert out.returncode == 0, out.stderr[-4000:]
-  r = _last_json(out.stdout)
+  r = _run_script(TOPK_SHARD_SCRIPT)
   assert r["2"]["err"] < 1e-5 and r["4"]["err"] < 1e-5, r
   assert r["2"]["sharded"] == [[1, 80, 2, 16]]      # q per shard: 4/4 rows, 4/2 heads
   assert r["4"]["sharded"] == [[2, 80, 1, 16]]      # 4/2 rows, 4/4 heads (kv copied)
@@ -443,10 +443,7 @@ print(json.dumps(report))
 
 
 def test_scans_run_per_shard_inside_the_sharded_recurrent_models():
-  out = subprocess.run([sys.executable, "-c", SCAN_SHARD_MAP_SCRIPT], cwd=REPO, env=_env(8),
-                       capture_output=True, text=True, timeout=TIMEOUT)
-  assert out.returncode == 0, out.stderr[-4000:]
-  r = _last_json(out.stdout)
+  r = _run_script(SCAN_SHARD_MAP_SCRIPT)
   assert all(v["err"] < 1e-5 for v in r.values()), r
   # [B, T, H, K] = [8, 32, 2, 16]: 8/4 rows, 2/2 heads per shard.
   assert r["gla_tiny"]["sharded"] == {"chunked_linear_attention": [[2, 32, 1, 16]]}
