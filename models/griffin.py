@@ -244,7 +244,7 @@ class LocalAttention(nnx.Module):
     mask = (diff >= 0) & (diff < self.window) & k_ok[:, None, :]
     keys = jnp.concatenate([cache["k"].astype(k.dtype), k], axis=1)
     values = jnp.concatenate([cache["v"].astype(v.dtype), v], axis=1)
-    o = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None])
+    o = self.attn.dense(q, keys, values, mask[:, None])
     new_pos = latest((lengths + valid.sum(1))[:, None])
     take = new_pos >= lengths[:, None]
     idx = jnp.clip(new_pos - lengths[:, None], 0, Tn - 1)[..., None, None]

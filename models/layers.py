@@ -11,11 +11,13 @@ variables, which are not ``nnx.Param``: optimizers never see them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import spmd
 
@@ -243,69 +245,121 @@ class Dense(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding E [vocab, d] ~ N(0, 1/d).
 
-  ``__call__`` returns sqrt(d) * E[ids] (unit-scale inputs, as Gemma) and
-  ``attend`` the tied logits x @ E^T (unit-scale at initialisation).
+  ``__call__`` returns c * E[ids] with c = ``scale`` (default sqrt(d): unit-scale
+  inputs, as Gemma; Llama-style checkpoints use 1) and ``attend`` the tied
+  logits x @ E^T (unit-scale at initialisation). c is applied in ``dtype``,
+  as Gemma does (a bf16 model multiplies by bf16(sqrt(d))).
   """
 
   def __init__(self, vocab_size: int, features: int, *, rngs: nnx.Rngs,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+               dtype=jnp.float32, param_dtype=jnp.float32, scale: float | None = None):
     self.dtype = dtype
+    self.scale = features ** 0.5 if scale is None else float(scale)
     self.embedding = param(rngs, nnx.initializers.normal(features ** -0.5),
                            (vocab_size, features), param_dtype, ("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    x = jnp.take(self.embedding[...], ids, axis=0)
-    return (x * self.embedding.shape[-1] ** 0.5).astype(self.dtype)
+    x = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    return x if self.scale == 1.0 else x * jnp.asarray(self.scale, self.dtype)
 
   def attend(self, x: jax.Array) -> jax.Array:
     return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
 
 
 class RMSNorm(nnx.Module):
-  """y = x / sqrt(mean(x^2) + eps) * scale, statistics in float32.
+  """y = x / sqrt(mean(x^2) + eps) * (offset + scale), statistics in float32.
 
-  Written out (not ``nnx.RMSNorm``) to keep the float32 statistics under
-  bf16 compute and to tag ``scale`` with a logical axis name.
+  ``offset`` 0 (Llama) or 1 (Gemma, whose weight w multiplies as 1 + w and
+  starts at 0). ``names`` tags ``scale`` (``("embed",)``; ``(None,)`` for a
+  per-head norm over head_dim). Written out (not ``nnx.RMSNorm``) to keep the
+  float32 statistics under bf16 compute and to carry the logical axis name.
   """
 
-  def __init__(self, features: int, *, eps: float = 1e-6, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.eps, self.dtype = eps, dtype
-    self.scale = param(rngs, nnx.initializers.ones, (features,), param_dtype, ("embed",))
+  def __init__(self, features: int, *, eps: float = 1e-6, offset: float = 0.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs,
+               names: tuple[str | None] = ("embed",)):
+    self.eps, self.offset, self.dtype = eps, float(offset), dtype
+    init = nnx.initializers.zeros if offset == 1.0 else nnx.initializers.ones
+    self.scale = param(rngs, init, (features,), param_dtype, names)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
 
 
 def config_from(cls, model_cfg: Mapping[str, Any], family: str):
-  """``cls(**model_cfg)`` for a model-config dataclass, without the ``family`` key;
-  keys that are not fields of ``cls`` are a ValueError naming ``family``."""
+  """``cls(**model_cfg)`` for a model-config dataclass, without the ``family`` and
+  ``init_from`` keys (the latter names the run's initial weights, which
+  ``gemkit.hf`` reads); keys that are not fields of ``cls`` are a ValueError
+  naming ``family``."""
   values = dict(model_cfg)
   values.pop("family", None)
+  values.pop("init_from", None)
   unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
   if unknown:
     raise ValueError(f"unknown {family} config keys: {unknown}")
   return cls(**values)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+  """c tanh(x / c) for a cap c > 0 (Gemma 2, Griffin); x itself for c = 0."""
+  return cap * jnp.tanh(x / cap) if cap > 0 else x
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_frequencies(rotary_dim: int, theta: float = 10_000.0, rope_type: str = "default", *,
+                     factor: float = 1.0, low_freq_factor: float = 1.0,
+                     high_freq_factor: float = 4.0, original_max_len: int = 8192) -> np.ndarray:
+  """Inverse frequencies f_i = theta^(-2i / rotary_dim), i < rotary_dim / 2, float32.
+
+  ``rope_type``:
+    default  f_i as is (Su et al. 2021).
+    linear   f_i / factor (position interpolation, Chen et al. 2023).
+    llama3   Llama 3.1's scaling: with wavelength l_i = 2 pi / f_i, L the
+             ``original_max_len``, l_i > L / low_freq_factor -> f_i / factor;
+             l_i < L / high_freq_factor -> f_i; in between the smooth blend
+             (1 - s) f_i / factor + s f_i, s = (L / l_i - low) / (high - low).
+  """
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+  exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+  freq = (1.0 / np.float32(theta) ** exponent).astype(np.float32)
+  if rope_type == "linear":
+    freq = freq / np.float32(factor)
+  elif rope_type == "llama3":
+    wavelen = 2 * np.pi / freq
+    smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    scaled = np.where(wavelen > original_max_len / low_freq_factor, freq / factor, freq)
+    medium = ((wavelen >= original_max_len / high_freq_factor)
+              & (wavelen <= original_max_len / low_freq_factor))
+    freq = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+  return np.asarray(freq, np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10_000.0, *,
+               inv_freq: np.ndarray | None = None) -> jax.Array:
   """Rotary position embedding (Su et al. 2021), rotate-half form.
 
-  For pairs (x_i, x_{i + D/2}) and angle p * theta^(-2i/D):
-    (x_i, x_{i+D/2}) -> (x_i cos - x_{i+D/2} sin, x_{i+D/2} cos + x_i sin).
+  With R = 2 len(f) rotated dims (the first R of D; the rest pass through)
+  and angle p * f_i, for pairs (x_i, x_{i + R/2}):
+    (x_i, x_{i+R/2}) -> (x_i cos - x_{i+R/2} sin, x_{i+R/2} cos + x_i sin).
 
   Args:
     x: [B, T, H, D] with D even.
     positions: [B, T] integer positions.
+    theta: the base of the default frequencies ``rope_frequencies(D, theta)``.
+    inv_freq: [R / 2] frequencies instead (scaled RoPE, partial rotation).
   """
-  half = x.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions[..., None, None].astype(jnp.float32) * freq        # [B, T, 1, half]
+  freq = rope_frequencies(x.shape[-1], theta) if inv_freq is None else inv_freq
+  rot = 2 * len(freq)
+  angle = positions[..., None, None].astype(jnp.float32) * jnp.asarray(freq)  # [B, T, 1, R/2]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., :rot // 2], x32[..., rot // 2:rot]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x32[..., rot:]], axis=-1)
   return out.astype(x.dtype)
 
 
@@ -319,13 +373,27 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
   return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
 
 
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,                                          # SwiGLU (Llama, Qwen)
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GeGLU (Gemma, Griffin)
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+  """The gated MLP's activation by name (``ACTIVATIONS``)."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f"mlp_activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+  return ACTIVATIONS[name]
+
+
 class GatedMLP(nnx.Module):
-  """SwiGLU (Shazeer 2020): down(act(x W_gate) * (x W_up))."""
+  """Gated MLP (Shazeer 2020): down(act(x W_gate) * (x W_up)); SwiGLU with silu."""
 
   def __init__(self, d_model: int, hidden: int, *, rngs: nnx.Rngs,
                activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
-               dtype=jnp.float32, param_dtype=jnp.float32):
-    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+               dtype=jnp.float32, param_dtype=jnp.float32, use_bias: bool = False):
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias)
     self.activation = activation
     self.gate_proj = Dense(d_model, hidden, names=("embed", "mlp"), **kw)
     self.up_proj = Dense(d_model, hidden, names=("embed", "mlp"), **kw)

@@ -199,8 +199,7 @@ class RecurrentLM(nnx.Module):
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
     logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
-    cap = self.cfg.logits_softcap
-    return cap * jnp.tanh(logits / cap) if cap > 0 else logits
+    return layers.softcap(logits, self.cfg.logits_softcap)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None) -> jax.Array:

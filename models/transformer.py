@@ -1,9 +1,28 @@
 """Decoder-only transformer LM (Llama/Gemma style) in Flax NNX.
 
-    x_0   = sqrt(d) * E[tokens]
+    x_0   = c * E[tokens]                     (c = embed_scale, default sqrt(d))
     x'_l  = x_l + Attn(RMSNorm(x_l))          (RoPE, grouped-query heads)
-    x_l+1 = x'_l + SwiGLU(RMSNorm(x'_l))
+    x_l+1 = x'_l + GLU(RMSNorm(x'_l))         (SwiGLU; GeGLU with gelu_tanh)
     logits = RMSNorm(x_L) @ E^T               (or an untied head)
+
+The config fields cover the pretrained families that ``gemkit.hf`` imports
+(one model class for all of them):
+
+  Llama 2/3   embed_scale=1, untied or tied head, ``rope_type`` "llama3"
+              (Llama 3.1's frequency scaling) or "linear", any ``head_dim``;
+              ``qkv_bias`` / ``out_bias`` / ``mlp_bias`` (attention_bias).
+  Mistral     attention="sliding" with ``window``.
+  Qwen2       ``qkv_bias``.          Qwen3   ``qk_norm``: RMSNorm over each
+                                              head's q and k before RoPE.
+  Gemma       ``norm_offset``=1 (RMSNorm weight w multiplies as 1 + w),
+              ``mlp_activation``="gelu_tanh", embed_scale sqrt(d).
+  Gemma 2     plus ``post_norms`` (RMSNorm on the attention and MLP outputs
+              before each residual add), ``attn_softcap`` (s -> c tanh(s / c)
+              on the attention logits), ``logits_softcap`` (the same on the
+              output logits), ``attn_scale`` = query_pre_attn_scalar^-1/2,
+              and ``layer_pattern`` "LG": layer l uses sliding-window attention
+              when ``layer_pattern[l % len]`` is "L" and the ``attention``
+              pattern when it is "G".
 
 Packed training sequences carry ``segment_ids`` [B, T]: a token attends only
 to earlier tokens of its own segment and RoPE positions restart at each
@@ -62,6 +81,9 @@ from ops import common
 # pattern -> {config key: smallest value the pattern needs}
 PATTERN_KEYS = {"dense": {}, "sliding": {"window": 1}, "s2": {"s2_group": 2},
                 "topk": {"top_k": 1}, "global": {"window": 1, "global_tokens": 1}}
+PATTERN_FIELDS = ("attention", "window", "block_size", "top_k", "local_blocks", "sink_blocks",
+                  "topk_scores", "compressed_branch", "query_block", "s2_group",
+                  "global_tokens")
 ATTENTION_PATTERNS = tuple(PATTERN_KEYS)
 TOPK_SCORES = ("mean", "quest", "compressed")
 
@@ -96,8 +118,39 @@ class TransformerConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # Pretrained architectures (module docstring); the defaults are gemkit's own models.
+  embed_scale: float = 0.0      # x_0 = embed_scale * E[t]; 0: sqrt(d_model)
+  norm_offset: float = 0.0      # RMSNorm multiplies by norm_offset + w (Gemma: 1)
+  mlp_activation: str = "silu"  # silu | gelu_tanh | gelu (layers.ACTIVATIONS)
+  qkv_bias: bool = False
+  out_bias: bool = False
+  mlp_bias: bool = False
+  qk_norm: bool = False         # Qwen3: RMSNorm over head_dim of q and k
+  post_norms: bool = False      # Gemma 2: RMSNorm of the attention / MLP output
+  attn_scale: float = 0.0       # attention logit scale; 0: head_dim^-1/2
+  attn_softcap: float = 0.0     # c tanh(s / c) on attention logits; 0: none
+  logits_softcap: float = 0.0   # the same on the output logits; 0: none
+  layer_pattern: str = ""       # "L" sliding (window) / "G" `attention`, cyclic; "": all G
+  rope_type: str = "default"    # default | linear | llama3 (layers.rope_frequencies)
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 8192
+  rope_fraction: float = 1.0    # rotated fraction of head_dim (recurrentgemma: 0.5)
 
   def __post_init__(self):
+    if set(self.layer_pattern) - set("LG"):
+      raise ValueError(f"layer_pattern must be a string of L (sliding) and G (the attention "
+                       f"pattern), got {self.layer_pattern!r}")
+    if "L" in self.layer_pattern and self.window < 1:
+      raise ValueError(f"layer_pattern={self.layer_pattern!r} has sliding layers: it needs "
+                       f"window >= 1, got {self.window}")
+    layers.activation(self.mlp_activation)
+    rot = self.head_dim * self.rope_fraction
+    if not 0 < self.rope_fraction <= 1 or rot != int(rot) or int(rot) % 2:
+      raise ValueError(f"rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an "
+                       f"even number of the head_dim={self.head_dim} dims")
+    self.inv_freq()
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
                        f"num_heads={self.num_heads}")
@@ -122,6 +175,22 @@ class TransformerConfig:
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":
     return layers.config_from(cls, model_cfg, "transformer")
+
+  def inv_freq(self):
+    """RoPE's inverse frequencies [rotated dims / 2] (``layers.rope_frequencies``)."""
+    return layers.rope_frequencies(
+        int(self.head_dim * self.rope_fraction), self.rope_theta, self.rope_type,
+        factor=self.rope_factor, low_freq_factor=self.rope_low_freq_factor,
+        high_freq_factor=self.rope_high_freq_factor,
+        original_max_len=self.rope_original_max_len)
+
+  def layer(self, index: int) -> "TransformerConfig":
+    """The config of layer ``index``: ``attention="sliding"`` on an "L" of
+    ``layer_pattern``, this config otherwise."""
+    p = self.layer_pattern
+    if p and p[index % len(p)] == "L":
+      return dataclasses.replace(self, attention="sliding", layer_pattern="")
+    return self
 
 
 @flax.struct.dataclass
@@ -253,10 +322,18 @@ class Attention(nnx.Module):
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.cfg = cfg
     h, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q_proj = layers.Dense(cfg.d_model, h * hd, names=("embed", "heads"), **kw)
-    self.k_proj = layers.Dense(cfg.d_model, kvh * hd, names=("embed", "kv_heads"), **kw)
-    self.v_proj = layers.Dense(cfg.d_model, kvh * hd, names=("embed", "kv_heads"), **kw)
-    self.o_proj = layers.Dense(h * hd, cfg.d_model, names=("heads", "embed"), **kw)
+    qkv = dict(use_bias=cfg.qkv_bias, **kw)
+    self.q_proj = layers.Dense(cfg.d_model, h * hd, names=("embed", "heads"), **qkv)
+    self.k_proj = layers.Dense(cfg.d_model, kvh * hd, names=("embed", "kv_heads"), **qkv)
+    self.v_proj = layers.Dense(cfg.d_model, kvh * hd, names=("embed", "kv_heads"), **qkv)
+    self.o_proj = layers.Dense(h * hd, cfg.d_model, names=("heads", "embed"),
+                               use_bias=cfg.out_bias, **kw)
+    norm = lambda: layers.RMSNorm(hd, eps=cfg.norm_eps, offset=cfg.norm_offset, names=(None,),
+                                  **kw)
+    self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
+    self.inv_freq = cfg.inv_freq()
+    self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
+    self.softcap = cfg.attn_softcap or None
     # NSA's gate of the compressed branch, g = sigmoid(x W + b) per head (0.5 at init).
     self.cmp_gate = (layers.Dense(cfg.d_model, h, names=("embed", "heads"), use_bias=True,
                                   kernel_init=nnx.initializers.zeros, **kw)
@@ -272,14 +349,36 @@ class Attention(nnx.Module):
     q = self.q_proj(x).reshape(B, T, cfg.num_heads, cfg.head_dim)
     k = self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    q = layers.apply_rope(q, positions, cfg.rope_theta)
-    k = layers.apply_rope(k, positions, cfg.rope_theta)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = layers.apply_rope(q, positions, inv_freq=self.inv_freq)
+    k = layers.apply_rope(k, positions, inv_freq=self.inv_freq)
     return (layers.constrain(q, ("batch", "seq", "heads", None)),
             layers.constrain(k, ("batch", "seq", "kv_heads", None)), v)
 
   def _out(self, o: jax.Array) -> jax.Array:
     B, T = o.shape[:2]
     return self.o_proj(o.reshape(B, T, -1))
+
+  def dense(self, q, k, v, mask: jax.Array | None = None) -> jax.Array:
+    """Dense attention with this layer's scale and soft-cap: q [B, T, Hq, D],
+    k/v [B, S, Hkv, D], ``mask`` [B, 1, T, S] bool, or None for causal (T == S).
+
+    ``jax.nn.dot_product_attention`` without a soft-cap; with one (Gemma 2),
+    written out: it has no soft-cap argument."""
+    if self.softcap is None:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.scale,
+                                          is_causal=mask is None)
+    B, T, hq, D = q.shape
+    S, hkv = k.shape[1], k.shape[2]
+    if mask is None:
+      mask = jnp.tril(jnp.ones((T, S), bool))[None, None]
+    s = jnp.einsum("btgrd,bsgd->bgrts", q.reshape(B, T, hkv, hq // hkv, D), k,
+                   preferred_element_type=jnp.float32) * self.scale
+    s = self.softcap * jnp.tanh(s / self.softcap)
+    s = jnp.where(mask[:, :, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bgrts,bsgd->btgrd", p, v).reshape(B, T, hq, D)
 
   def attend(self, q, k, v, segment_ids: jax.Array | None, train: bool = False,
              gate: jax.Array | None = None) -> jax.Array:
@@ -306,19 +405,18 @@ class Attention(nnx.Module):
             q, k, v, top_k=cfg.top_k, block_size=cfg.block_size,
             query_block=cfg.query_block or None, local_blocks=cfg.local_blocks,
             sink_blocks=cfg.sink_blocks, segment_ids=seg, impl=cfg.attention_impl,
-            token_scores=scores)
+            token_scores=scores, scale=self.scale, softcap=self.softcap)
       o = _per_shard(op, q, k, v, segment_ids, impl=cfg.attention_impl, scores=scores)
       return o if o_cmp is None else o + gate[..., None].astype(o.dtype) * o_cmp
     if mask is not None:
       op = lambda q, k, v, seg: attention_ops.block_sparse_attention(
           q, k, v, mask, segment_ids=seg, block_q=cfg.block_size, block_kv=cfg.block_size,
-          impl=cfg.attention_impl)
+          scale=self.scale, softcap=self.softcap, impl=cfg.attention_impl)
     elif segment_ids is None:
-      return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+      return self.dense(q, k, v)
     else:
       idx = jnp.broadcast_to(jnp.arange(q.shape[1]), segment_ids.shape)
-      return jax.nn.dot_product_attention(
-          q, k, v, mask=attention_mask(idx, idx, segment_ids, segment_ids))
+      return self.dense(q, k, v, attention_mask(idx, idx, segment_ids, segment_ids))
     # S2 shifts half of all heads: a shard of heads cannot know which are its.
     return _per_shard(op, q, k, v, segment_ids, impl=cfg.attention_impl,
                       split_heads=cfg.attention != "s2")
@@ -358,7 +456,7 @@ class Attention(nnx.Module):
       k_pos = jnp.broadcast_to(jnp.arange(kc.shape[1]), (B, kc.shape[1]))
       ones = jnp.ones_like
       mask = attention_mask(positions, k_pos, ones(positions), ones(k_pos))
-      o = jax.nn.dot_product_attention(q, kc, vc, mask=mask)
+      o = self.dense(q, kc, vc, mask)
     else:
       o = self._prefill(q, kc, vc, lengths, Tn if num_valid is None else num_valid,
                         self._gate(x))
@@ -385,7 +483,8 @@ class Attention(nnx.Module):
     ``decode_attention`` on the cache (dense, s2, topk: Quest pages) or on the
     gathered sinks and window (global, sliding)."""
     cfg = self.cfg
-    kw = dict(block_size=cfg.block_size, impl=cfg.attention_impl)
+    kw = dict(block_size=cfg.block_size, impl=cfg.attention_impl, scale=self.scale,
+              softcap=self.softcap)
     if cfg.attention == "topk":
       kw["top_k_blocks"] = cfg.top_k + cfg.local_blocks + cfg.sink_blocks
     if cfg.attention in ("sliding", "global"):
@@ -402,29 +501,50 @@ class Attention(nnx.Module):
     return _per_shard(op, q, kc, vc, lengths, impl=cfg.attention_impl, single_query=True)
 
 
+def norm(cfg, features: int | None = None, **kw) -> layers.RMSNorm:
+  """The config's RMSNorm (eps, offset, dtypes) over ``features`` (default d_model)."""
+  return layers.RMSNorm(features or cfg.d_model, eps=cfg.norm_eps, offset=cfg.norm_offset,
+                        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                        **kw)
+
+
 class Block(nnx.Module):
-  """Pre-norm residual block: attention then SwiGLU MLP."""
+  """Pre-norm residual block: attention then gated MLP.
+
+      x' = x + N'(Attn(N(x))),   y = x' + N'(MLP(N(x')))
+
+  where N' is a second RMSNorm with ``post_norms`` (Gemma 2), else identity.
+  """
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
+    self.attn_norm = norm(cfg, rngs=rngs)
     self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
-    self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, **kw)
+    self.mlp_norm = norm(cfg, rngs=rngs)
+    self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, use_bias=cfg.mlp_bias,
+                               activation=layers.activation(cfg.mlp_activation), **kw)
+    post = cfg.post_norms
+    self.post_attn_norm = norm(cfg, rngs=rngs) if post else None
+    self.post_mlp_norm = norm(cfg, rngs=rngs) if post else None
     self.dropout = nnx.Dropout(cfg.dropout_rate)
+
+  @staticmethod
+  def _post(norm_layer, h):
+    return h if norm_layer is None else norm_layer(h)
 
   def __call__(self, x, segment_ids, positions, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None, train: bool = False):
     drop = lambda h: self.dropout(h, deterministic=deterministic, rngs=rngs)
-    x = x + drop(self.attn(self.attn_norm(x), segment_ids, positions, train=train))
-    x = x + drop(self.mlp(self.mlp_norm(x)))
+    h = self.attn(self.attn_norm(x), segment_ids, positions, train=train)
+    x = x + drop(self._post(self.post_attn_norm, h))
+    x = x + drop(self._post(self.post_mlp_norm, self.mlp(self.mlp_norm(x))))
     return layers.constrain(x, ("batch", "seq", "embed"))
 
   def decode(self, x, k_cache, v_cache, lengths, num_valid=None):
     h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), k_cache, v_cache, lengths,
                                            num_valid)
-    x = x + h
-    return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+    x = x + self._post(self.post_attn_norm, h)
+    return x + self._post(self.post_mlp_norm, self.mlp(self.mlp_norm(x))), k_cache, v_cache
 
 
 class Transformer(nnx.Module):
@@ -433,17 +553,18 @@ class Transformer(nnx.Module):
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.cfg = cfg
-    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, **kw)
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **kw)
+    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                              scale=cfg.embed_scale or None, **kw)
+    self.blocks = nnx.List([Block(cfg.layer(i), rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = norm(cfg, rngs=rngs)
     self.head = (None if cfg.tie_embeddings else
                  layers.Dense(cfg.d_model, cfg.vocab_size, names=("embed", "vocab"),
                               rngs=rngs, **kw))
 
   def _logits(self, x: jax.Array) -> jax.Array:
     x = self.final_norm(x)
-    logits = self.embed.attend(x) if self.head is None else self.head(x)
-    return logits.astype(jnp.float32)
+    logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
+    return layers.softcap(logits, self.cfg.logits_softcap)
 
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
                deterministic: bool = True, rngs: nnx.Rngs | None = None,
