@@ -1,0 +1,244 @@
+"""Hugging Face checkpoints to gemkit models and back.
+
+Import: ``config.json`` becomes a gemkit ``config.model`` block
+(``architectures``), the model is built abstractly (``nnx.eval_shape``: no
+parameter memory), and every parameter is read from the safetensors files,
+one tensor at a time, straight into its final dtype and placement: with a
+``mesh``, ``jax.make_array_from_callback`` asks each process only for the
+slices of its own devices, so a process reads only what it holds. The host
+holds one tensor (or one slice) at a time, never a second copy of the model.
+
+Export: the inverse map, written with ``safetensors``; the architecture is
+the first one that can express the model (an imported model goes back to
+its own). LoRA / DoRA adapters are merged into a copy first.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import models
+from gemkit import sharding as sharding_lib
+from gemkit.hf import architectures
+from gemkit.hf.checkpoint import (HFError, TensorReader, model_dir, read_config,
+                                  write_json, write_tensors)
+
+DTYPES = ("float32", "bfloat16", "float16")
+# Stored tensors that carry no parameter (recomputed buffers of older exports).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _file_dtype(hf: Mapping[str, Any]) -> str:
+  dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+  return dtype if dtype in DTYPES else "float32"
+
+
+def model_config(path: str | pathlib.Path, *, dtype: str | None = None) -> dict:
+  """The gemkit ``config.model`` block of a Hugging Face directory.
+
+  ``dtype`` (default: the checkpoint's ``dtype`` / ``torch_dtype``) sets both
+  the parameter and the compute dtype; ``init_from`` records the directory.
+  """
+  where = model_dir(path) / "config.json"
+  hf = read_config(path)
+  try:
+    arch = architectures.of_config_json(hf, str(where))
+    cfg = arch.to_config(hf)
+  except KeyError as e:
+    raise HFError(where, f"missing key {e.args[0]!r}") from None
+  except ValueError as e:
+    raise HFError(where, str(e).removeprefix(f"{where}: ")) from None
+  dtype = dtype or _file_dtype(hf)
+  if dtype not in DTYPES:
+    raise HFError("dtype", f"must be one of {DTYPES}, got {dtype!r}")
+  return cfg | {"dtype": dtype, "param_dtype": dtype, "init_from": str(path)}
+
+
+def _get(tree: Mapping, path: tuple) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path: tuple, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree[key]
+  tree[path[-1]] = value
+
+
+def _paths(tree: Mapping, prefix: tuple = ()) -> list[tuple]:
+  out = []
+  for key, value in tree.items():
+    out += _paths(value, prefix + (key,)) if isinstance(value, Mapping) else [prefix + (key,)]
+  return out
+
+
+def _reader_fn(reader: TensorReader, t: architectures.Tensor, shape: tuple, dtype, where):
+  """index (slices in gemkit layout, or None) -> that block of the parameter."""
+  stored = reader.shape(t.name)
+  want = tuple(reversed(shape)) if t.transpose else tuple(shape)
+  if t.to_gemkit is None and stored != want:
+    raise HFError(where, f"tensor {t.name} has shape {list(stored)}, the config needs "
+                  f"{list(want)}")
+
+  def block(index):
+    if t.to_gemkit is not None:
+      a = t.to_gemkit(reader.read(t.name))
+      if a.shape != tuple(shape):
+        raise HFError(where, f"tensor {t.name} has shape {list(stored)}, which does not give "
+                      f"the config's {list(shape)}")
+      a = a[index] if index else a
+    elif t.transpose:
+      a = reader.read(t.name, tuple(reversed(index)) if index else None).T
+    else:
+      a = reader.read(t.name, index)
+    if t.shift:
+      a = a.astype(np.float32) - np.float32(t.shift)
+    return np.asarray(a, dtype)
+
+  return block
+
+
+def load_weights(model_cfg: Mapping[str, Any], path: str | pathlib.Path, *,
+                 mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> nnx.Module:
+  """The model of ``model_cfg`` with its parameters read from HF directory ``path``.
+
+  ``model_cfg`` is :func:`model_config`'s block, possibly changed in what
+  does not change the parameters (dtypes, attention pattern and impl,
+  remat). Parameters the checkpoint has no tensor for (e.g. the gate of a
+  compressed attention branch added on import) keep their initialisation
+  from ``seed``. With ``mesh`` every parameter lands on its logical sharding.
+  """
+  d = model_dir(path)
+  arch = architectures.of_config_json(read_config(d), str(d / "config.json"))
+  cfg = models.family_config(model_cfg)
+  abstract = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(seed)))
+  graphdef, state = nnx.split(abstract)
+  pure = nnx.to_pure_dict(state)
+  meta = {p: v for p, v in nnx.to_flat_state(state)}
+  tensors = {t.path: t for t in arch.tensors(cfg)}
+  fresh = [p for p in _paths(pure) if p not in tensors]
+  with TensorReader(d) as reader:
+    known = {t.name for t in tensors.values()}
+    extra = sorted(n for n in reader.files if n not in known
+                   and not n.endswith(IGNORED_SUFFIXES))
+    if extra:
+      raise HFError(reader.files[extra[0]], f"tensor {extra[0]} has no place in a "
+                    f"{arch.name} with this config.json ({len(extra)} such tensors)")
+    for p, t in tensors.items():
+      if t.name not in reader.files:
+        raise HFError(d, f"tensor {t.name} is missing ({arch.name} with this config.json "
+                      "needs it)")
+      if p not in meta:
+        raise HFError(d, f"tensor {t.name} maps to {'.'.join(map(str, p))}, which this "
+                      "model does not have")
+      var = meta[p]
+      value = var.get_value()
+      where = reader.files[t.name]
+      block = _reader_fn(reader, t, value.shape, value.dtype, where)
+      if mesh is None:
+        _set(pure, p, jnp.asarray(block(None)))
+      else:
+        names = var.get_metadata().get("out_sharding")
+        sh = sharding_lib.logical_sharding(mesh, names)
+        _set(pure, p, jax.make_array_from_callback(value.shape, sh, block))
+  if fresh:
+    for p, value in zip(fresh, _initial_values(model_cfg, fresh, seed)):
+      _set(pure, p, value)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def _initial_values(model_cfg: Mapping[str, Any], paths: list[tuple], seed: int) -> list:
+  """The initial values of some parameters; jit drops the rest of the init."""
+  def init():
+    pure = nnx.to_pure_dict(nnx.state(models.build(model_cfg, rngs=nnx.Rngs(seed))))
+    return [_get(pure, p) for p in paths]
+  return jax.jit(init)()
+
+
+def load(path: str | pathlib.Path, *, dtype: str | None = None,
+         mesh: jax.sharding.Mesh | None = None):
+  """(model, config, tokenizer) of a local Hugging Face model directory.
+
+  ``config`` is a ConfigDict with ``name`` and ``model`` (the block of
+  :func:`model_config`), as a run's config; ``tokenizer`` reads the
+  directory's tokenizer.json (``gemkit.tokenizer.HFTokenizer``). Every error
+  (missing config.json, unsupported architecture, missing or misshapen
+  tensor, pickle-only directory, missing tokenizer) is one line naming the
+  file, tensor or key, raised before anything compiles.
+  """
+  from gemkit import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  model_cfg = model_config(path, dtype=dtype)
+  tokenizer = tokenizer_lib.HFTokenizer.from_dir(path)
+  model = load_weights(model_cfg, path, mesh=mesh)
+  config = ml_collections.ConfigDict({"name": pathlib.Path(path).resolve().name,
+                                      "model": model_cfg})
+  return model, config, tokenizer
+
+
+def _float_model(model: nnx.Module) -> nnx.Module:
+  """``model`` with LoRA/DoRA adapters merged (a copy); quantized layers refused."""
+  from gemkit import lora  # pylint: disable=g-import-not-at-top
+  from models import layers  # pylint: disable=g-import-not-at-top
+  for path, m in nnx.iter_modules(model):
+    if isinstance(m, layers.Dense) and m.is_quantized:
+      raise ValueError(f"{'.'.join(map(str, path))} is quantized ({m.quant_layout[0]}): "
+                       "transformers cannot read gemkit's quantized layout; export the "
+                       "float model")
+  if not lora.wrappers(model):
+    return model
+  model = nnx.clone(model)
+  if not any(w.merged for _, w in lora.wrappers(model)):
+    lora.merge(model)
+  return lora.unwrap(model)
+
+
+def save(model: nnx.Module, config: Any, out_dir: str | pathlib.Path,
+         tokenizer: "gemkit.tokenizer.Tokenizer | None" = None, *,
+         max_shard_size: int = 5 * 2**30) -> pathlib.Path:
+  """Writes a directory that ``transformers.AutoModelForCausalLM`` loads.
+
+  ``config``: a run config (with ``model``) or a ``config.model`` block.
+  The architecture is the first of ``architectures.ARCHITECTURES`` that can
+  express the model (an error lists why each cannot); adapters are merged;
+  tensors keep the parameters' dtype; files over ``max_shard_size`` bytes
+  are split with an index. ``tokenizer`` (if given) writes its files and
+  sets the special-token ids of config.json.
+  """
+  model_cfg = config.model if "model" in config else config
+  cfg = models.family_config(model_cfg)
+  arch = architectures.for_model(cfg)
+  model = _float_model(model)
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tensors = arch.tensors(cfg)
+  covered = {t.path for t in tensors}
+  left = [p for p in _paths(pure) if p not in covered]
+  if left:
+    raise ValueError(f"parameter {'.'.join(map(str, left[0]))} has no place in {arch.name}")
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+
+  def arrays():
+    for t in tensors:
+      a = np.asarray(jax.device_get(_get(pure, t.path)))
+      a = t.to_hf(a) if t.to_hf is not None else (a.T if t.transpose else a)
+      if t.shift:
+        a = (a.astype(np.float32) + np.float32(t.shift)).astype(a.dtype)
+      yield t.name, a
+
+  write_tensors(out, arrays(), max_shard_size)
+  hf = arch.from_config(cfg)
+  if tokenizer is not None:
+    tokenizer.save(out)
+    hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
+              pad_token_id=tokenizer.pad_id)
+  write_json(out / "config.json", hf)
+  return out
