@@ -524,7 +524,13 @@ class Loaded:
 
 
 def load_checkpoint(path: str, step: int | None = None) -> Loaded:
-  """The model of a checkpoint (any family, via ``gemkit.runs.load``) and its metadata."""
+  """The model of a checkpoint (any family, via ``gemkit.runs.load``) and its metadata;
+  a Hugging Face model directory is step 0 of itself (no data config: held-out
+  tasks need ``heldout.path``)."""
+  from gemkit import hf  # pylint: disable=g-import-not-at-top
+  if hf.is_model_dir(path):
+    model, config = runs.load(path)
+    return Loaded(model, config, pathlib.Path(path), 0, {"model": config.model.to_dict()})
   workdir, step, meta = runs.checkpoint_meta(path, step)
   model, config = runs.load_from_meta(workdir, step, meta)
   return Loaded(model, config, workdir, step, meta)

@@ -100,10 +100,12 @@ def checkpoint_meta(path: str | pathlib.Path, step: int | None = None
 
 
 def load(path: str | pathlib.Path, step: int | None = None):
-  """(model, config) from a run directory's checkpoint (latest step by default).
+  """(model, config) from a run directory's checkpoint (latest step by default),
+  or from a Hugging Face model directory (``gemkit.hf.load``).
 
   ``path`` is a run directory, its ``checkpoints/`` or one step's
-  ``checkpoints/<step>`` (that step, unless ``step`` is given).
+  ``checkpoints/<step>`` (that step, unless ``step`` is given), or a
+  directory with a ``config.json`` and safetensors weights.
 
   The model is rebuilt from the model config recorded in the checkpoint, so
   it does not depend on the experiment file still being the same. A
@@ -112,7 +114,21 @@ def load(path: str | pathlib.Path, step: int | None = None):
   ``launch.finetune`` run comes back as its base with the fine-tuned
   parameters (quantization and adapters rebuilt: ``gemkit.finetune.load_run``).
   """
+  from gemkit import hf  # pylint: disable=g-import-not-at-top
+  if hf.is_model_dir(path):
+    model, config, _ = hf.load(path)
+    return model, config
   return load_from_meta(*checkpoint_meta(path, step))
+
+
+def load_tokenizer(path: str | pathlib.Path):
+  """The tokenizer of a run (as recorded in it; bytes for runs that record
+  none) or of a Hugging Face model directory (its tokenizer.json)."""
+  from gemkit import hf  # pylint: disable=g-import-not-at-top
+  from gemkit import tokenizer  # pylint: disable=g-import-not-at-top
+  if hf.is_model_dir(path):
+    return tokenizer.HFTokenizer.from_dir(path)
+  return tokenizer.for_run(resolve_checkpoint(path)[0])
 
 
 def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
