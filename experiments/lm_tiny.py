@@ -14,6 +14,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.family = "transformer"
+  c.model.init_from = ""            # a Hugging Face model directory: its architecture and
+                                    # weights (gemkit.hf; the keys below then set only
+                                    # dtypes, remat, impls, dropout and sparse patterns)
   c.model.vocab_size = 384          # 256 bytes + PAD/BOS/EOS, padded to a multiple of 128
   c.model.num_layers = 4
   c.model.d_model = 256

@@ -118,6 +118,9 @@ def _require(cond: bool, key: str, message: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError for values that cannot work together."""
   m, d, t = config.model, config.data, config.train
+  if m.get("init_from"):
+    _require((pathlib.Path(m.init_from) / "config.json").is_file(), "model.init_from",
+             f"{m.init_from!r} is not a Hugging Face model directory (no config.json)")
   if m.get("family", "transformer") == "transformer":
     for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
                 "mlp_dim", "vocab_size"):

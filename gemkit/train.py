@@ -221,6 +221,8 @@ class Trainer:
                trainable: Any = nnx.Param, data: Any = None, meta: dict | None = None):
     validate(config)
     sharding_lib.initialize_distributed()   # a no-op unless this is one of several processes
+    if config.model.get("init_from") and model_fn is None:
+      model_fn = self._import_model(config)
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -252,6 +254,16 @@ class Trainer:
     self.history: list[dict] = []
 
   # -- construction ---------------------------------------------------------
+
+  def _import_model(self, config: ml_collections.ConfigDict) -> Callable[[], nnx.Module]:
+    """For ``model.init_from`` (a Hugging Face directory): sets ``config.model`` to
+    the directory's architecture (``gemkit.hf.resolve_model_config``) and returns
+    the loader of its weights, placed on this run's mesh."""
+    from gemkit import hf  # pylint: disable=g-import-not-at-top
+    with config.unlocked():
+      config.model = hf.resolve_model_config(config.model)
+    validate(config)
+    return lambda: hf.load_weights(config.model, config.model.init_from, mesh=self.mesh)
 
   def _build_state(self) -> Callable[[], TrainState]:
     """Sets the state's shardings and abstract shapes; returns the jitted initializer."""

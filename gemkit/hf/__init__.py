@@ -10,7 +10,8 @@ Supported architectures: ``gemkit.hf.architectures.ARCHITECTURES``.
 
 from gemkit.hf.architectures import ARCHITECTURES
 from gemkit.hf.checkpoint import HFError, is_model_dir
-from gemkit.hf.convert import load, load_weights, model_config, save
+from gemkit.hf.convert import (load, load_weights, model_config, resolve_model_config,
+                                save)
 
 __all__ = ["ARCHITECTURES", "HFError", "is_model_dir", "load", "load_weights",
-           "model_config", "save"]
+           "model_config", "resolve_model_config", "save"]

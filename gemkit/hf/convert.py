@@ -61,6 +61,30 @@ def model_config(path: str | pathlib.Path, *, dtype: str | None = None) -> dict:
   return cfg | {"dtype": dtype, "param_dtype": dtype, "init_from": str(path)}
 
 
+# config.model keys a run sets for itself on top of an imported architecture.
+RUN_KEYS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_impl", "dropout_rate")
+
+
+def resolve_model_config(model_cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The ``config.model`` of a run with ``init_from`` = a Hugging Face directory.
+
+  The directory's architecture (:func:`model_config`), with the run's own
+  ``RUN_KEYS`` (dtypes, remat, kernel impls, dropout), and, when the run asks
+  for another attention pattern than ``dense``, its pattern keys (e.g.
+  ``attention=topk``, ``top_k``, ``block_size``: sparse attention on a
+  pretrained model; ``layer_pattern``'s sliding layers stay sliding).
+  """
+  imported = model_config(model_cfg["init_from"])
+  out = dict(imported)
+  for key in RUN_KEYS:
+    if key in model_cfg and key in imported:
+      out[key] = model_cfg[key]
+  if model_cfg.get("attention", "dense") != "dense" and out["family"] == "transformer":
+    from models import transformer  # pylint: disable=g-import-not-at-top
+    out.update({k: model_cfg[k] for k in transformer.PATTERN_FIELDS if k in model_cfg})
+  return ml_collections.ConfigDict(out)
+
+
 def _get(tree: Mapping, path: tuple) -> Any:
   for key in path:
     tree = tree[key]
