@@ -1,7 +1,10 @@
-"""Sample text from a trained run's checkpoint (KV-cache decoding).
+"""Sample text from a run's checkpoint or a Hugging Face directory (cache decoding).
 
   python -m launch.generate --workdir=runs/lm_tiny --prompt="def " \\
       --max_new_tokens=200 --temperature=0.8 --top_k=40 --top_p=0.95
+  python -m launch.generate --checkpoint=/models/Qwen2.5-0.5B --prompt="The capital of"
+
+Prompts are encoded with the run's tokenizer (the directory's tokenizer.json).
 """
 
 from absl import flags
@@ -10,6 +13,9 @@ from gemkit import config as config_lib
 from gemkit import runs, sample
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lm_tiny", "Run directory to load.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A run directory, its checkpoints/ or checkpoints/<step>, or a "
+    "Hugging Face model directory (instead of --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["def "], "Prompt(s); repeat for a batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.", lower_bound=1)
@@ -22,8 +28,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def _run():
-  model, _ = runs.load(_WORKDIR.value, _STEP.value)
-  texts = sample.generate(model, _PROMPT.value, max_new_tokens=_MAX_NEW.value,
+  path = _CHECKPOINT.value or _WORKDIR.value
+  model, _ = runs.load(path, _STEP.value)
+  texts = sample.generate(model, _PROMPT.value, tokenizer=runs.load_tokenizer(path),
+                          max_new_tokens=_MAX_NEW.value,
                           temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                           top_p=_TOP_P.value, seed=_SEED.value)
   for prompt, text in zip(_PROMPT.value, texts):
