@@ -266,7 +266,10 @@ def _decoder(name: str, model_type: str, *, tie_default: bool, hf_offset: float 
       extra["attention_bias"] = cfg.qkv_bias
     if "mlp" in biases:
       extra["mlp_bias"] = cfg.mlp_bias
-    return _transformer_json(cfg, name, model_type, **extra, **json_extra(cfg))
+    out = _transformer_json(cfg, name, model_type, **extra, **json_extra(cfg))
+    if sliding != "layers":       # one pattern for all layers: no layer_types
+      del out["layer_types"]
+    return out
 
   def unsupported(cfg):
     return _transformer_unsupported(cfg, arch=name, embed=embed, biases=biases,
@@ -288,7 +291,7 @@ def _gemma2_config(hf) -> dict:
 def _gemma2_json(cfg) -> dict:
   return {"attn_logit_softcapping": cfg.attn_softcap or None,
           "final_logit_softcapping": cfg.logits_softcap or None,
-          "query_pre_attn_scalar": (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2}
+          "query_pre_attn_scalar": round((cfg.attn_scale or cfg.head_dim ** -0.5) ** -2)}
 
 
 def _qwen2_json(cfg) -> dict:

@@ -237,7 +237,7 @@ def save(model: nnx.Module, config: Any, out_dir: str | pathlib.Path,
   are split with an index. ``tokenizer`` (if given) writes its files and
   sets the special-token ids of config.json.
   """
-  model_cfg = config.model if "model" in config else config
+  model_cfg = config["model"] if "model" in config else config
   cfg = models.family_config(model_cfg)
   arch = architectures.for_model(cfg)
   model = _float_model(model)
