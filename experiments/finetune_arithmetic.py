@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.base.workdir = "runs/lm_tiny_v2"   # a launch.train run directory
   c.base.step = 0                      # 0: its latest checkpoint
 
+  c.model = ml_collections.ConfigDict()
+  c.model.init_from = ""               # a Hugging Face model directory as the base instead
+
   c.task = ml_collections.ConfigDict()
   c.task.kind = "arithmetic"           # arithmetic | jsonl
   c.task.digits = 2                    # operands of min_digits..digits digits

@@ -220,15 +220,21 @@ def device_peak_bytes() -> int | None:
 
 
 class Base:
-  """The base run: its model (float), config, checkpoint step and fingerprint."""
+  """The base: its model (float), config, checkpoint step, fingerprint and tokenizer.
+
+  ``workdir`` is a ``launch.train`` run directory or a Hugging Face model
+  directory (step 0; ``model.init_from`` of the fine-tuning config).
+  """
 
   def __init__(self, workdir: str | pathlib.Path, step: int | None = None):
-    from gemkit import runs  # pylint: disable=g-import-not-at-top
+    from gemkit import hf, runs  # pylint: disable=g-import-not-at-top
     self.workdir = str(workdir)
-    if not (pathlib.Path(workdir) / "checkpoints").is_dir():
+    imported = hf.is_model_dir(workdir)
+    if not imported and not (pathlib.Path(workdir) / "checkpoints").is_dir():
       raise ConfigError("base.workdir", f"no checkpoints under {workdir!r}: train a base "
                         "with launch.train first")
-    self.step = _latest_step(workdir) if step is None else step
+    self.step = 0 if imported else _latest_step(workdir) if step is None else step
+    self.tokenizer = runs.load_tokenizer(workdir)
     self.model, self.config = runs.load(workdir, self.step)
     if self.config is None:
       raise ConfigError("base.workdir", f"{workdir} records no config")
@@ -435,7 +441,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = Non
       raise ConfigError("methods", f"unknown method {m!r}; methods are {METHODS}")
   workdir = pathlib.Path(workdir or pathlib.Path("runs") / cfg.name)
   start = time.perf_counter()
-  base = Base(cfg.base.workdir, cfg.base.step or None)
+  base = Base(cfg.get("model", {}).get("init_from") or cfg.base.workdir, cfg.base.step or None)
   task = task_data(cfg)
   log(f"base {base.workdir} step {base.step} ({base.num_params:,} parameters, fingerprint "
       f"{base.fingerprint}); task {task.summary()}")
@@ -560,8 +566,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       quantize.QuantSpec.parse(cfg.qlora.base_format)
     except ValueError as e:
       raise ConfigError("qlora.base_format", str(e)) from None
-  need(pathlib.Path(cfg.base.workdir, "checkpoints").is_dir(), "base.workdir",
-       f"no checkpoints under {cfg.base.workdir!r}: train a base with launch.train first")
+  init_from = cfg.get("model", {}).get("init_from")
+  if init_from:
+    need(pathlib.Path(init_from, "config.json").is_file(), "model.init_from",
+         f"{init_from!r} is not a Hugging Face model directory (no config.json)")
+  else:
+    need(pathlib.Path(cfg.base.workdir, "checkpoints").is_dir(), "base.workdir",
+         f"no checkpoints under {cfg.base.workdir!r}: train a base with launch.train first")
   need(cfg.base.step >= 0, "base.step", f"must be >= 0 (0: latest), got {cfg.base.step}")
 
 
