@@ -30,9 +30,20 @@ sqrt(1 - a^2) is bounded at a -> 1 (recurrentgemma bounds it at 1000).
 
 Local attention is ``models.transformer.Attention`` with
 ``attention="sliding"`` (grouped-query heads; one K/V head, MQA, by default as
-Griffin). Deviation: RoPE rotates every dimension of a head (recurrentgemma
-rotates half of them). Decoding keeps the last min(window, max_len) keys and
-values in a ring buffer, so every state is O(1) in the sequence length.
+Griffin): query i sees keys i - window < j <= i. RoPE rotates the first
+``rope_fraction`` of each head's dimensions (rotate-half form); gemkit's
+default 1.0 rotates all of them, recurrentgemma (and Hugging Face's
+RecurrentGemma, which ``gemkit.hf`` imports) rotates half (0.5). Decoding
+keeps the last min(window, max_len) keys and values in a ring buffer, so
+every state is O(1) in the sequence length.
+
+Pretrained checkpoints (``gemkit.hf``'s ``RecurrentGemmaForCausalLM``) set
+the shell's ``embed_scale`` (bf16(sqrt(d)), as recurrentgemma's bf16
+normaliser), ``norm_offset`` = 1 (RMSNorm weight w multiplies as 1 + w) and
+``mlp_bias``, and the fields here: ``recurrent_bias`` (biases on W_y, W_u and
+W_o of the recurrent block), ``qkv_bias`` / ``out_bias`` (the attention's
+projections) and ``rope_fraction`` = 0.5. The defaults are gemkit's own
+Griffin, unchanged.
 """
 
 from __future__ import annotations
@@ -74,6 +85,10 @@ class GriffinConfig(recurrent.RecurrentLMConfig):
   logits_softcap: float = 30.0          # Griffin caps its logits (the base: 0, none)
   block_size: int = 128               # local attention's block (ops.attention)
   attention_impl: str = "auto"
+  rope_fraction: float = 1.0          # recurrentgemma: 0.5
+  recurrent_bias: bool = False        # linear_y, linear_x, linear_out biases
+  qkv_bias: bool = False
+  out_bias: bool = False
 
   def __post_init__(self):
     super().__post_init__()
@@ -101,7 +116,9 @@ class GriffinConfig(recurrent.RecurrentLMConfig):
         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
         mlp_dim=self.mlp_dim, rope_theta=self.rope_theta, attention="sliding",
         window=self.window, block_size=self.block_size, attention_impl=self.attention_impl,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype=self.dtype, param_dtype=self.param_dtype, rope_fraction=self.rope_fraction,
+        qkv_bias=self.qkv_bias, out_bias=self.out_bias, norm_eps=self.norm_eps,
+        norm_offset=self.norm_offset)
 
 
 @jax.custom_jvp
@@ -182,12 +199,12 @@ class RecurrentBlock(nnx.Module):
 
   def __init__(self, cfg: GriffinConfig, *, rngs: nnx.Rngs):
     kw = dict(rngs=rngs, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    w = cfg.width
-    self.linear_y = layers.Dense(cfg.d_model, w, names=("embed", "mlp"), **kw)
-    self.linear_x = layers.Dense(cfg.d_model, w, names=("embed", "mlp"), **kw)
+    w, bias = cfg.width, cfg.recurrent_bias
+    self.linear_y = layers.Dense(cfg.d_model, w, names=("embed", "mlp"), use_bias=bias, **kw)
+    self.linear_x = layers.Dense(cfg.d_model, w, names=("embed", "mlp"), use_bias=bias, **kw)
     self.conv = recurrent.Conv1D(cfg.conv_width, w, **kw)
     self.rg_lru = RGLRU(w, cfg.num_heads, impl=cfg.scan_impl, **kw)
-    self.linear_out = layers.Dense(w, cfg.d_model, names=("mlp", "embed"), **kw)
+    self.linear_out = layers.Dense(w, cfg.d_model, names=("mlp", "embed"), use_bias=bias, **kw)
 
   def __call__(self, x, segment_ids, positions):
     u = self.conv(self.linear_x(x), segment_ids)

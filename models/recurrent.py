@@ -1,10 +1,14 @@
 """The shell shared by the recurrent families (``griffin``, ``linear_rnn``).
 
-    x_0   = sqrt(d) * E[tokens]
+    x_0   = c * E[tokens]                  (c = embed_scale, default sqrt(d))
     x'_l  = x_l + Mix_l(RMSNorm(x_l))      (a temporal mixer: RG-LRU, local
                                            attention, GLA, DeltaNet, ...)
     x_l+1 = x'_l + MLP(RMSNorm(x'_l))      (gated MLP; skipped if mlp_dim = 0)
     logits = softcap(RMSNorm(x_L) @ E^T)
+
+RMSNorm multiplies by ``norm_offset + w`` (0 by default; 1 for checkpoints
+whose norm weights start at 0, as RecurrentGemma) and the MLP has biases
+with ``mlp_bias``: the fields ``gemkit.hf`` sets for imported checkpoints.
 
 A temporal mixer is an ``nnx.Module`` with
 
@@ -51,7 +55,11 @@ class RecurrentLMConfig:
   ``nonnegative``: >= 0). ``from_config`` reads a ``config.model`` block.
   ``mlp_dim`` 0: no MLP. ``logits_softcap`` c > 0: logits = c tanh(logits / c)
   (0: none). ``conv_width``: of the mixers' short causal convolution.
-  Keyword-only, so a family's required fields may follow these defaults.
+  ``embed_scale`` c: x_0 = c E[t] (0: sqrt(d_model)); ``norm_offset``: every
+  RMSNorm multiplies by norm_offset + w; ``mlp_bias``: biases on the gated
+  MLP's three projections (pretrained checkpoints; the defaults are gemkit's
+  own models). Keyword-only, so a family's required fields may follow these
+  defaults.
   """
 
   family: ClassVar[str]
@@ -71,13 +79,16 @@ class RecurrentLMConfig:
   param_dtype: str = "float32"
   remat: bool = False
   scan_impl: str = "auto"
+  embed_scale: float = 0.0
+  norm_offset: float = 0.0
+  mlp_bias: bool = False
 
   def __post_init__(self):
     """ValueError naming the first field out of its range."""
     for name in ("vocab_size", "num_layers", "d_model") + self.positive:
       if getattr(self, name) <= 0:
         raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-    for name in ("mlp_dim",) + self.nonnegative:
+    for name in ("mlp_dim", "embed_scale") + self.nonnegative:
       if getattr(self, name) < 0:
         raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -152,11 +163,12 @@ class Block(nnx.Module):
   def __init__(self, cfg: RecurrentLMConfig, mixer: nnx.Module, *, rngs: nnx.Rngs,
                mlp_activation: Callable[[jax.Array], jax.Array]):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    self.mix_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
+    norm = lambda: layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, offset=cfg.norm_offset, **kw)
+    self.mix_norm = norm()
     self.mixer = mixer
-    self.mlp_norm = (layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, **kw)
-                     if cfg.mlp_dim else None)
-    self.mlp = (layers.GatedMLP(cfg.d_model, cfg.mlp_dim, activation=mlp_activation, **kw)
+    self.mlp_norm = norm() if cfg.mlp_dim else None
+    self.mlp = (layers.GatedMLP(cfg.d_model, cfg.mlp_dim, activation=mlp_activation,
+                                use_bias=cfg.mlp_bias, **kw)
                 if cfg.mlp_dim else None)
     self.dropout = nnx.Dropout(cfg.dropout_rate)
 
@@ -188,10 +200,12 @@ class RecurrentLM(nnx.Module):
                mlp_activation: Callable[[jax.Array], jax.Array] = jax.nn.silu):
     kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     self.cfg = cfg
-    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs, **kw)
+    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
+                              scale=cfg.embed_scale or None, **kw)
     self.blocks = nnx.List([Block(cfg, m, rngs=rngs, mlp_activation=mlp_activation)
                             for m in mixers])
-    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs, **kw)
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, offset=cfg.norm_offset,
+                                     rngs=rngs, **kw)
     self.head = (None if cfg.tie_embeddings else
                  layers.Dense(cfg.d_model, cfg.vocab_size, names=("embed", "vocab"),
                               rngs=rngs, **kw))

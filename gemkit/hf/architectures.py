@@ -13,6 +13,9 @@ Conventions bridged here:
   the Gemma family. A gemkit config records its own ``norm_offset``; the
   stored weight is shifted by the difference (``Tensor.shift``), so a
   gemkit-trained model (offset 0) exports to Gemma exactly.
+
+``RecurrentGemmaForCausalLM`` maps onto the ``griffin`` family (its own
+section at the end of this module).
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
-from models import transformer
+from models import griffin, transformer
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
@@ -316,7 +320,156 @@ DECODERS = (
     _decoder("LlamaForCausalLM", "llama", tie_default=False, biases="attention,mlp"),
 )
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in DECODERS}
+# --- RecurrentGemma: Griffin (models.griffin) -------------------------------------------
+#
+# transformers' RecurrentGemmaForCausalLM against gemkit's Griffin:
+#   x_0 = normaliser * E[t], normaliser = bf16(sqrt(hidden_size)) -> embed_scale
+#   RMSNorm (1 + w)                                               -> norm_offset 1
+#   MLP: gelu_pytorch_tanh, biases, width intermediate_size // 2  -> mlp_bias, mlp_dim
+#   linear_x / linear_y / linear_out biases                       -> recurrent_bias
+#   conv_1d.weight [w, 1, W], cross-correlation over the left-padded input (weight[k]
+#     multiplies x_{t-W+1+k}); gemkit's Conv1D.kernel[j] multiplies x_{t-j}: reversed
+#   log a = -8 r softplus(recurrent_param) = -c r softplus(-Lambda): a_param = -recurrent_param
+#   input/recurrent gate weights [H, w/H, w/H] (x @ W per block) and biases [H, w/H]: as is
+#   attention: partial rotary (partial_rotary_factor, 0.5) -> rope_fraction; q/k/v biases
+#     by attention_bias -> qkv_bias; o_proj always biased -> out_bias; the window mask
+#     kv > q - attention_window_size is gemkit's i - j < window
+#   logits_soft_cap -> logits_softcap; block_types (cyclic) -> block_pattern R / A
+# head_dim is always hidden_size // num_attention_heads (the config's own head_dim key is
+# recomputed by transformers); embeddings_scale_by_sqrt_dim is ignored by transformers
+# (it always scales) and here.
+
+RG_NAME = "RecurrentGemmaForCausalLM"
+RG_BLOCKS = {"recurrent": "R", "attention": "A"}
+RG_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast")   # the tanh GeLU
+
+
+def _bf16(x: float) -> float:
+  """x rounded to bfloat16 (transformers keeps the embedding normaliser in bf16)."""
+  return float(np.asarray(x, np.float32).astype(ml_dtypes.bfloat16))
+
+
+def _rg_config(hf: Mapping[str, Any]) -> dict:
+  d, heads = hf["hidden_size"], hf["num_attention_heads"]
+  types = list(hf.get("block_types") or ("recurrent", "recurrent", "attention"))
+  for t in types:
+    if t not in RG_BLOCKS:
+      raise ValueError(f"block_types entry {t!r} is not supported (supported: "
+                       f"{', '.join(RG_BLOCKS)})")
+  act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+  if act not in RG_ACTIVATIONS:
+    raise ValueError(f"hidden_activation {act!r} is not supported (Griffin's GeLU: "
+                     f"{', '.join(RG_ACTIVATIONS)})")
+  rope = dict(hf.get("rope_parameters") or {})
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind != "default" or hf.get("rope_scaling"):
+    raise ValueError(f"rope_parameters: rope type {kind!r} is not supported "
+                     "(RecurrentGemma has default RoPE only)")
+  cap = hf.get("logits_soft_cap", 30.0)
+  if not cap or cap <= 0:
+    raise ValueError(f"logits_soft_cap must be > 0, got {cap!r}")
+  if hf.get("intermediate_size", 0) % 2:
+    raise ValueError(f"intermediate_size must be even (the MLP is intermediate_size // 2 "
+                     f"wide), got {hf['intermediate_size']}")
+  values = {
+      "vocab_size": hf["vocab_size"], "num_layers": hf["num_hidden_layers"], "d_model": d,
+      "mlp_dim": hf["intermediate_size"] // 2, "num_heads": heads,
+      "num_kv_heads": hf.get("num_key_value_heads") or heads, "head_dim": d // heads,
+      "lru_width": hf.get("lru_width") or d,
+      "window": int(hf.get("attention_window_size", 2048)),
+      "conv_width": int(hf.get("conv1d_width", 4)),
+      "block_pattern": "".join(RG_BLOCKS[t] for t in types),
+      "logits_softcap": float(cap), "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
+      "tie_embeddings": bool(hf.get("tie_word_embeddings", True)),
+      "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
+      "rope_fraction": float(rope.get("partial_rotary_factor",
+                                      hf.get("partial_rotary_factor", 0.5))),
+      "embed_scale": _bf16(math.sqrt(d)), "norm_offset": 1.0, "mlp_bias": True,
+      "recurrent_bias": True, "qkv_bias": bool(hf.get("attention_bias", False)),
+      "out_bias": True}
+  return dataclasses.asdict(griffin.GriffinConfig.from_config(values)) | {"family": "griffin"}
+
+
+def _rg_json(cfg) -> dict:
+  return {"architectures": [RG_NAME], "model_type": "recurrent_gemma",
+          "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+          "intermediate_size": 2 * cfg.mlp_dim, "num_hidden_layers": cfg.num_layers,
+          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+          "head_dim": cfg.head_dim, "lru_width": cfg.width,
+          "attention_window_size": cfg.window, "conv1d_width": cfg.conv_width,
+          "logits_soft_cap": cfg.logits_softcap, "rms_norm_eps": cfg.norm_eps,
+          "hidden_activation": "gelu_pytorch_tanh",
+          "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta,
+                              "partial_rotary_factor": cfg.rope_fraction},
+          "block_types": ["recurrent" if k == "R" else "attention"
+                          for k in cfg.block_pattern],
+          "attention_bias": cfg.qkv_bias, "tie_word_embeddings": cfg.tie_embeddings,
+          "dtype": cfg.param_dtype}
+
+
+def _rg_unsupported(cfg) -> str | None:
+  if getattr(cfg, "family", None) != "griffin":
+    return f"{RG_NAME} is a griffin model"
+  if cfg.head_dim != cfg.d_model // cfg.num_heads:
+    return (f"{RG_NAME} has head_dim = hidden_size // num_heads = "
+            f"{cfg.d_model // cfg.num_heads}, this model {cfg.head_dim}")
+  scale, want = cfg.embed_scale or math.sqrt(cfg.d_model), _bf16(math.sqrt(cfg.d_model))
+  if not math.isclose(scale, want, rel_tol=1e-6):
+    return f"{RG_NAME} scales embeddings by bf16(sqrt(d)) = {want:g}, this model by {scale:g}"
+  if cfg.logits_softcap <= 0:
+    return f"{RG_NAME} always soft-caps its logits (logits_softcap > 0)"
+  if not cfg.mlp_dim:
+    return f"{RG_NAME} always has an MLP"
+  for flag in ("mlp_bias", "recurrent_bias", "out_bias"):
+    if not getattr(cfg, flag):
+      return f"{RG_NAME} always has {flag}"
+  return None
+
+
+def _rg_tensors(cfg) -> list[Tensor]:
+  shift = cfg.norm_offset - 1.0
+  neg = lambda a: -a
+  t = [Tensor("model.embed_tokens.weight", ("embed", "embedding")),
+       Tensor("model.final_norm.weight", ("final_norm", "scale"), shift=shift)]
+  if not cfg.tie_embeddings:
+    t.append(Tensor("lm_head.weight", ("head", "kernel"), transpose=True))
+
+  def linear(name, path, bias=True):
+    out = [Tensor(f"{name}.weight", path + ("kernel",), transpose=True)]
+    return out + ([Tensor(f"{name}.bias", path + ("bias",))] if bias else [])
+
+  for i, kind in enumerate(cfg.block_types):
+    pre, at = f"model.layers.{i}", ("blocks", i)
+    blk, mix = f"{pre}.temporal_block", at + ("mixer",)
+    t += [Tensor(f"{pre}.temporal_pre_norm.weight", at + ("mix_norm", "scale"), shift=shift),
+          Tensor(f"{pre}.channel_pre_norm.weight", at + ("mlp_norm", "scale"), shift=shift)]
+    for p in ("gate_proj", "up_proj", "down_proj"):
+      t += linear(f"{pre}.mlp_block.{p}", at + ("mlp", p), cfg.mlp_bias)
+    if kind == "R":
+      for p in ("linear_x", "linear_y", "linear_out"):
+        t += linear(f"{blk}.{p}", mix + (p,), cfg.recurrent_bias)
+      lru = mix + ("rg_lru",)
+      t += [Tensor(f"{blk}.conv_1d.weight", mix + ("conv", "kernel"),
+                   to_gemkit=lambda a: np.ascontiguousarray(a[:, 0, ::-1].T),
+                   to_hf=lambda k: np.ascontiguousarray(k[::-1].T[:, None, :])),
+            Tensor(f"{blk}.conv_1d.bias", mix + ("conv", "bias")),
+            Tensor(f"{blk}.rg_lru.recurrent_param", lru + ("a_param",), to_gemkit=neg,
+                   to_hf=neg)]
+      for hf_gate, ours in (("input_gate", "input_gate"), ("recurrent_gate", "recurrence_gate")):
+        t += [Tensor(f"{blk}.rg_lru.{hf_gate}_weight", lru + (ours, "kernel")),
+              Tensor(f"{blk}.rg_lru.{hf_gate}_bias", lru + (ours, "bias"))]
+    else:
+      for p in ("q_proj", "k_proj", "v_proj"):
+        t += linear(f"{blk}.{p}", mix + ("attn", p), cfg.qkv_bias)
+      t += linear(f"{blk}.o_proj", mix + ("attn", "o_proj"), cfg.out_bias)
+  return t
+
+
+RECURRENT_GEMMA = Architecture(RG_NAME, "recurrent_gemma", _rg_config, _rg_json,
+                               _rg_unsupported, _rg_tensors)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in DECODERS + (RECURRENT_GEMMA,)}
 
 
 def register(arch: Architecture, *, first: bool = False) -> None:
