@@ -8,7 +8,6 @@ a process that holds a shard of a parameter reads that shard alone.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pathlib
 from typing import Any, Iterator, Mapping
@@ -89,26 +88,43 @@ def weight_files(path: str | pathlib.Path) -> dict[str, pathlib.Path]:
 
 
 class TensorReader:
-  """Open safetensors files of a directory; ``read(name, index)`` reads one
-  tensor, or the slice ``index`` of it, memory-mapped."""
+  """The safetensors files of a directory; ``read(name, index)`` reads one tensor,
+  or the slice ``index`` of it, memory-mapped.
+
+  A file is opened at its first read and closed by :meth:`done` once each
+  of its tensors is done, so its mapped pages stop counting against the
+  process: reading file by file, the resident file pages stay within one
+  shard.
+  """
 
   def __init__(self, path: str | pathlib.Path):
     self.files = weight_files(path)
-    self._stack = contextlib.ExitStack()
     self._open: dict[pathlib.Path, Any] = {}
+    self._left: dict[pathlib.Path, set[str]] = {}
+    for name, f in self.files.items():
+      self._left.setdefault(f, set()).add(name)
 
   def __enter__(self) -> "TensorReader":
     return self
 
   def __exit__(self, *exc) -> None:
-    self._stack.close()
+    for handle in self._open.values():
+      handle.__exit__(None, None, None)
+    self._open.clear()
 
   def _handle(self, name: str):
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     f = self.files[name]
     if f not in self._open:
-      self._open[f] = self._stack.enter_context(safe_open(f, framework="np"))
+      self._open[f] = safe_open(f, framework="np").__enter__()
     return self._open[f]
+
+  def done(self, name: str) -> None:
+    """Marks tensor ``name`` read; closes its file when nothing else is left in it."""
+    f = self.files[name]
+    self._left[f].discard(name)
+    if not self._left[f] and f in self._open:
+      self._open.pop(f).__exit__(None, None, None)
 
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._handle(name).get_slice(name).get_shape())

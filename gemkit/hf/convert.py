@@ -156,10 +156,12 @@ def load_weights(model_cfg: Mapping[str, Any], path: str | pathlib.Path, *,
     if extra:
       raise HFError(reader.files[extra[0]], f"tensor {extra[0]} has no place in a "
                     f"{arch.name} with this config.json ({len(extra)} such tensors)")
-    for p, t in tensors.items():
+    for t in tensors.values():
       if t.name not in reader.files:
         raise HFError(d, f"tensor {t.name} is missing ({arch.name} with this config.json "
                       "needs it)")
+    # File by file (each is closed when read), so at most one file's pages stay mapped.
+    for p, t in sorted(tensors.items(), key=lambda item: str(reader.files[item[1].name])):
       if p not in meta:
         raise HFError(d, f"tensor {t.name} maps to {'.'.join(map(str, p))}, which this "
                       "model does not have")
@@ -173,6 +175,7 @@ def load_weights(model_cfg: Mapping[str, Any], path: str | pathlib.Path, *,
         names = var.get_metadata().get("out_sharding")
         sh = sharding_lib.logical_sharding(mesh, names)
         _set(pure, p, jax.make_array_from_callback(value.shape, sh, block))
+      reader.done(t.name)
   if fresh:
     for p, value in zip(fresh, _initial_values(model_cfg, fresh, seed)):
       _set(pure, p, value)
