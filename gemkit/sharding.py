@@ -146,15 +146,28 @@ def logical_spec(names) -> P:
   return linen.logical_to_mesh_axes(tuple(names), RULES)
 
 
-def logical_sharding(mesh: Mesh, names) -> NamedSharding:
-  """NamedSharding of a value whose dims have logical ``names`` (None: replicated)."""
-  return NamedSharding(mesh, logical_spec(names))
+def logical_sharding(mesh: Mesh, names, shape: Sequence[int] | None = None) -> NamedSharding:
+  """NamedSharding of a value whose dims have logical ``names`` (None: replicated).
+
+  With ``shape``, a dim that its mesh axes do not divide stays whole along
+  them (jax places only even shardings: a vocabulary of 301 on tensor=2 is
+  replicated over tensor).
+  """
+  spec = logical_spec(names)
+  if shape is not None:
+    size = lambda e: math.prod(mesh.shape[a] for a in ((e,) if isinstance(e, str) else e or ()))
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    spec = P(*(e if n % size(e) == 0 else None for n, e in zip(shape, entries)))
+  return NamedSharding(mesh, spec)
 
 
 def param_shardings(params: nnx.State, mesh: Mesh) -> Any:
-  """NamedShardings for an ``nnx.State`` of Params, from their logical names."""
-  return jax.tree.map(lambda spec: logical_sharding(mesh, tuple(spec)),
-                      nnx.get_partition_spec(params), is_leaf=lambda x: isinstance(x, P))
+  """NamedShardings for an ``nnx.State`` of Params, from their logical names and
+  shapes (:func:`logical_sharding`)."""
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  return jax.tree.map(lambda spec, x: logical_sharding(mesh, tuple(spec), x.shape),
+                      nnx.get_partition_spec(params), shapes,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

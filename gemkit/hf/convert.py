@@ -130,6 +130,21 @@ def _reader_fn(reader: TensorReader, t: architectures.Tensor, shape: tuple, dtyp
   return block
 
 
+def _place(block, shape: tuple, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """The parameter on ``sharding``, from ``block(index)`` reads of its pieces:
+  ``make_array_from_callback`` asks each process only for its own devices'
+  pieces, and each distinct piece is read once, however many devices hold it."""
+  pieces: dict[tuple, np.ndarray] = {}
+
+  def piece(index):
+    key = tuple((s.start, s.stop) for s in index)
+    if key not in pieces:
+      pieces[key] = block(index)
+    return pieces[key]
+
+  return jax.make_array_from_callback(shape, sharding, piece)
+
+
 def load_weights(model_cfg: Mapping[str, Any], path: str | pathlib.Path, *,
                  mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> nnx.Module:
   """The model of ``model_cfg`` with its parameters read from HF directory ``path``.
@@ -173,8 +188,8 @@ def load_weights(model_cfg: Mapping[str, Any], path: str | pathlib.Path, *,
         _set(pure, p, jnp.asarray(block(None)))
       else:
         names = var.get_metadata().get("out_sharding")
-        sh = sharding_lib.logical_sharding(mesh, names)
-        _set(pure, p, jax.make_array_from_callback(value.shape, sh, block))
+        sharding = sharding_lib.logical_sharding(mesh, names, value.shape)
+        _set(pure, p, _place(block, value.shape, sharding))
       reader.done(t.name)
   if fresh:
     for p, value in zip(fresh, _initial_values(model_cfg, fresh, seed)):
