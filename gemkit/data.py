@@ -1,14 +1,17 @@
-"""Data: a byte-level tokenizer, corpora, packed windows and Grain pipelines.
+"""Data: corpora, packed windows and Grain pipelines, in any tokenizer's ids.
 
-Tokens are bytes 0..255 plus ``PAD``, ``BOS`` and ``EOS``. A corpus is a list
-of named documents (bytes). Each document becomes ``BOS + bytes + EOS``; the
-documents of a split are concatenated into one stream, cut into windows of
-``seq_len + 1`` tokens, and each window carries segment ids (one per document
-piece) so attention and the loss never cross a document boundary.
+Tokens are the ids of a ``gemkit.tokenizer.Tokenizer``: by default the byte
+tokenizer (bytes 0..255 plus ``PAD``, ``BOS`` and ``EOS``). A corpus is a
+list of named documents (bytes). Each document becomes ``BOS + ids + EOS``
+(no BOS for a tokenizer without one); the documents of a split are
+concatenated into one stream, cut into windows of ``seq_len + 1`` tokens,
+and each window carries segment ids (one per document piece) so attention
+and the loss never cross a document boundary.
 
-Non-UTF-8 text needs no special case: the tokenizer works on raw bytes, so a
-text file is read as bytes and trained on as is. JSONL lines must be JSON
-(hence UTF-8); a line that is not is a ConfigError naming the file and line.
+Non-UTF-8 text needs no special case for the byte tokenizer: it works on raw
+bytes, so a text file is read as bytes and trained on as is (tokenizers of
+text see invalid UTF-8 as U+FFFD). JSONL lines must be JSON (hence UTF-8); a
+line that is not is a ConfigError naming the file and line.
 
 The train split is a Grain ``MapDataset`` (shuffled per epoch, sharded by
 process, batched); its iterator state is checkpointed with the model, so a
@@ -32,28 +35,9 @@ import grain
 import numpy as np
 
 from gemkit.config import ConfigError
-
-PAD, BOS, EOS = 256, 257, 258
-NUM_TOKENS = 259
-
-
-class ByteTokenizer:
-  """UTF-8 bytes as ids 0..255, plus PAD=256, BOS=257, EOS=258."""
-
-  pad_id, bos_id, eos_id = PAD, BOS, EOS
-  vocab_size = NUM_TOKENS
-
-  def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
-    data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-    ids = np.frombuffer(data, np.uint8).astype(np.int32)
-    parts = ([np.array([BOS], np.int32)] if bos else []) + [ids] + (
-        [np.array([EOS], np.int32)] if eos else [])
-    return np.concatenate(parts)
-
-  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    """Bytes back to text; special ids are dropped, bad UTF-8 is replaced."""
-    ids = np.asarray(ids).reshape(-1)
-    return bytes(ids[ids < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+# PAD, BOS, EOS, NUM_TOKENS and ByteTokenizer stay importable from here (their first home).
+from gemkit.tokenizer import (  # pylint: disable=unused-import
+    BOS, EOS, NUM_TOKENS, PAD, ByteTokenizer, Tokenizer, resolve)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,26 +146,34 @@ def _in_heldout(name: str, fraction: float) -> bool:
 class TokenStream:
   """Concatenated ``BOS doc EOS`` sequences and where each document starts."""
 
-  tokens: np.ndarray   # [N] uint16
-  starts: np.ndarray   # [num_docs] int64, offsets of each BOS (starts[0] == 0)
+  tokens: np.ndarray   # [N] uint16 (uint32 for vocabularies of more than 65535 ids)
+  starts: np.ndarray   # [num_docs] int64, offsets of each document's first token
+  num_bytes: int       # bytes of text in the documents
+  pad_id: int = PAD    # the tokenizer's PAD (fills eval_batches' padding rows)
 
   @classmethod
-  def from_documents(cls, docs: Sequence[Document]) -> "TokenStream":
+  def from_documents(cls, docs: Sequence[Document],
+                     tokenizer: Tokenizer | None = None) -> "TokenStream":
+    """The documents in ``tokenizer``'s ids (default bytes), each ``BOS ids EOS``."""
+    tok = resolve(tokenizer)
+    dtype = np.uint16 if tok.vocab_size <= 65535 else np.uint32
+    head = np.asarray([] if tok.bos_id is None else [tok.bos_id], dtype)
+    tail = np.asarray([tok.eos_id], dtype)
     pieces, starts, offset = [], [], 0
-    for doc in docs:
-      body = np.frombuffer(doc.data, np.uint8).astype(np.uint16)
-      pieces += [np.array([BOS], np.uint16), body, np.array([EOS], np.uint16)]
-      starts.append(offset)
-      offset += body.size + 2
-    return cls(np.concatenate(pieces), np.asarray(starts, np.int64))
-
-  @property
-  def num_bytes(self) -> int:
-    return int(self.tokens.size - 2 * self.starts.size)
+    for chunk in range(0, len(docs), _ENCODE_CHUNK):
+      for body in tok.encode_batch([d.data for d in docs[chunk:chunk + _ENCODE_CHUNK]]):
+        pieces += [head, body.astype(dtype), tail]
+        starts.append(offset)
+        offset += head.size + body.size + 1
+    return cls(np.concatenate(pieces), np.asarray(starts, np.int64),
+               sum(len(d.data) for d in docs), tok.pad_id)
 
   def segment_of(self, index: np.ndarray) -> np.ndarray:
     """Document number of each token position."""
     return np.searchsorted(self.starts, index, side="right") - 1
+
+
+_ENCODE_CHUNK = 256    # documents per encode_batch call (bounds a text tokenizer's memory)
 
 
 class PackedWindows:
@@ -229,7 +221,13 @@ class Corpus:
   num_docs: tuple[int, int]
 
   @classmethod
-  def from_config(cls, data_cfg) -> "Corpus":
+  def from_config(cls, data_cfg, tokenizer: Tokenizer | None = None) -> "Corpus":
+    """The corpus of a ``config.data`` block in ``tokenizer``'s ids (default bytes).
+
+    The fingerprint hashes each document's name and contents, the held-out
+    fraction and the tokenizer's fingerprint ("" for bytes).
+    """
+    tok = resolve(tokenizer)
     docs = load_documents(data_cfg)
     digest = hashlib.sha256()
     for d in docs:
@@ -241,7 +239,8 @@ class Corpus:
       cut = int(len(joined) * (1 - data_cfg.heldout_fraction))
       train, held = [Document("train", joined[:cut])], [Document("heldout", joined[cut:])]
     digest.update(f"heldout={data_cfg.heldout_fraction}".encode())
-    return cls(TokenStream.from_documents(train), TokenStream.from_documents(held),
+    digest.update(tok.fingerprint.encode())
+    return cls(TokenStream.from_documents(train, tok), TokenStream.from_documents(held, tok),
                digest.hexdigest()[:16], (len(train), len(held)))
 
 
@@ -288,10 +287,15 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
     chosen = np.unique(np.linspace(0, len(windows) - 1, max_windows).round().astype(int))
   for start in range(0, len(chosen), batch_size):
     rows = [windows[i] for i in chosen[start:start + batch_size]]
-    while len(rows) < batch_size:
-      rows.append({k: np.zeros_like(v) if k != "inputs" else np.full_like(v, PAD)
-                   for k, v in rows[0].items()})
-    yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    yield _stack_padded(rows, batch_size, stream.pad_id)
+
+
+def _stack_padded(rows: list[dict], batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+  """Rows stacked into a batch, filled up with padding rows (inputs ``pad_id``, the rest 0)."""
+  fill = {k: np.zeros_like(v) if k != "inputs" else np.full_like(v, pad_id)
+          for k, v in rows[0].items()}
+  rows = rows + [fill] * (batch_size - len(rows))
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
 # --- prompt / completion examples (fine-tuning) --------------------------------------------
@@ -299,14 +303,16 @@ def eval_batches(stream: TokenStream, seq_len: int, batch_size: int,
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-  """A fine-tuning example: ``prompt`` ids (BOS first) and ``completion`` ids (EOS last)."""
+  """A fine-tuning example: ``prompt`` ids (BOS first, if the tokenizer has one) and
+  ``completion`` ids (EOS last)."""
 
   prompt: np.ndarray
   completion: np.ndarray
 
   @classmethod
-  def from_text(cls, prompt: str, completion: str) -> "Completion":
-    tok = ByteTokenizer()
+  def from_text(cls, prompt: str, completion: str,
+                tokenizer: Tokenizer | None = None) -> "Completion":
+    tok = resolve(tokenizer)
     return cls(tok.encode(prompt, bos=True), tok.encode(completion, eos=True))
 
   @property
@@ -321,13 +327,13 @@ class PackedCompletions:
   An example ``x = prompt + completion`` occupies ``len(x) - 1`` positions
   (inputs ``x[:-1]``, targets ``x[1:]``); a row takes examples while they fit
   (first fit in order) and is right-padded. Each record is a dict of [L] arrays:
-    inputs, targets: PAD on padding
+    inputs, targets: ``pad_id`` (the tokenizer's PAD) on padding
     segment_ids:     1, 2, ... per example (0 = padding): attention stays inside one
     loss_mask:       1.0 only where the target is a completion token (EOS included)
   """
 
-  def __init__(self, examples: Sequence[Completion], seq_len: int):
-    self.examples, self.seq_len = list(examples), seq_len
+  def __init__(self, examples: Sequence[Completion], seq_len: int, pad_id: int = PAD):
+    self.examples, self.seq_len, self.pad_id = list(examples), seq_len, pad_id
     rows, row, used = [], [], 0
     for i, ex in enumerate(self.examples):
       if ex.prompt.size < 1 or ex.completion.size < 1:
@@ -349,7 +355,8 @@ class PackedCompletions:
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     L = self.seq_len
-    out = {"inputs": np.full(L, PAD, np.int32), "targets": np.full(L, PAD, np.int32),
+    out = {"inputs": np.full(L, self.pad_id, np.int32),
+           "targets": np.full(L, self.pad_id, np.int32),
            "segment_ids": np.zeros(L, np.int32), "loss_mask": np.zeros(L, np.float32)}
     at = 0
     for segment, j in enumerate(self.rows[int(i)], 1):
@@ -367,8 +374,5 @@ class PackedCompletions:
     """The first ``max_rows`` rows (default all) in order; the last batch padded (mask 0)."""
     n = len(self) if max_rows is None else min(max_rows, len(self))
     for start in range(0, n, batch_size):
-      rows = [self[i] for i in range(start, min(start + batch_size, n))]
-      while len(rows) < batch_size:
-        rows.append({k: np.zeros_like(v) if k != "inputs" else np.full_like(v, PAD)
-                     for k, v in rows[0].items()})
-      yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+      yield _stack_padded([self[i] for i in range(start, min(start + batch_size, n))],
+                          batch_size, self.pad_id)

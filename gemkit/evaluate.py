@@ -20,9 +20,16 @@ to its right.
       (the last S), each with at least W - S tokens of context.
 
   Token level: ``nll`` = sum NLL / N (nats per token, EOS included) and
-  ``perplexity = exp(nll)``. Byte level: ``bits_per_byte`` = sum over byte
-  targets (ids < 256) of NLL / ln 2 / number of bytes (EOS excluded, as in
-  ``gemkit.train``) and ``byte_perplexity = 2 ** bits_per_byte``.
+  ``perplexity = exp(nll)``. Byte level: ``bits_per_byte`` = sum over the
+  targets that stand for text (``token_bytes[target] > 0``: special tokens
+  such as EOS excluded, as in ``gemkit.train``) of NLL / ln 2, over the sum
+  of their ``token_bytes`` (UTF-8 bytes; for the byte tokenizer, one per
+  byte target), and ``byte_perplexity = 2 ** bits_per_byte``.
+
+Every text is encoded with the run's tokenizer (``gemkit.tokenizer``; the
+byte tokenizer by default): held-out documents, task files (context and
+continuation encoded separately, the context with a leading BOS where the
+tokenizer has one) and the synthetic suites.
 * JSONL tasks (``gemkit.tasks``): loglikelihood, multiple choice, greedy
   ``generate_until`` through ``gemkit.sample`` (the model's KV cache).
 * Synthetic suites (``gemkit.synthetic``), scored teacher-forced in one
@@ -60,12 +67,12 @@ from gemkit import sample as sample_lib
 from gemkit import synthetic
 from gemkit import tasks as tasks_lib
 from gemkit.config import REPO_ROOT, ConfigError
+from gemkit.tokenizer import PAD, Tokenizer, resolve
 
 LN2 = math.log(2.0)
 HELDOUT_TASKS = {"heldout_bpb": "disjoint", "heldout_bpb_sliding": "sliding"}
 SYNTHETIC_TASKS = ("mqar", "passkey", "parity", "modcount", "arithmetic")
 DEFAULT_EVAL_CONFIG = "experiments/eval_default.py"
-_TOK = data_lib.ByteTokenizer()
 
 
 # --- progress ------------------------------------------------------------------
@@ -109,8 +116,8 @@ def _score_batch(graphdef, state, inputs, targets, segment_ids):
 
 
 def score(model: nnx.Module, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
-          batch_size: int = 8, bucket: int = 64,
-          progress: Progress | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+          batch_size: int = 8, bucket: int = 64, progress: Progress | None = None,
+          pad_id: int = PAD) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per-position (log p(target) [T] float64, target is argmax [T] bool) for each row.
 
   Args:
@@ -118,6 +125,7 @@ def score(model: nnx.Module, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
     rows: (inputs [T_i], targets [T_i]) integer arrays; lengths may differ.
     batch_size: rows per forward pass (the batch is padded to this size).
     bucket: padded lengths are multiples of this (fewer compilations).
+    pad_id: the id padding holds (the tokenizer's PAD).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -127,8 +135,8 @@ def score(model: nnx.Module, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     L = -(-max(len(rows[i][0]) for i in idx) // bucket) * bucket
-    inputs = np.full((batch_size, L), data_lib.PAD, np.int32)
-    targets = np.full((batch_size, L), data_lib.PAD, np.int32)
+    inputs = np.full((batch_size, L), pad_id, np.int32)
+    targets = np.full((batch_size, L), pad_id, np.int32)
     seg = np.zeros((batch_size, L), np.int32)
     for j, i in enumerate(idx):
       n = len(rows[i][0])
@@ -143,8 +151,8 @@ def score(model: nnx.Module, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,
 
 
 def loglikelihood(model: nnx.Module, requests: Sequence[tuple[np.ndarray, np.ndarray]], *,
-                  batch_size: int = 8, max_length: int = 0,
-                  progress: Progress | None = None) -> list[tuple[float, bool]]:
+                  batch_size: int = 8, max_length: int = 0, progress: Progress | None = None,
+                  pad_id: int = PAD) -> list[tuple[float, bool]]:
   """(sum_t log p(cont_t | ctx, cont_<t), all continuation tokens greedy) per request.
 
   ``requests`` are (context ids, continuation ids); with ``max_length > 0``
@@ -161,25 +169,27 @@ def loglikelihood(model: nnx.Module, requests: Sequence[tuple[np.ndarray, np.nda
       seq = seq[-(max_length + 1):]
     rows.append((seq[:-1], seq[1:]))
     spans.append(len(cont))
-  scored = score(model, rows, batch_size=batch_size, progress=progress)
+  scored = score(model, rows, batch_size=batch_size, progress=progress, pad_id=pad_id)
   return [(float(lp[-n:].sum()), bool(g[-n:].all())) for (lp, g), n in zip(scored, spans)]
 
 
 def generate_until(model: nnx.Module, contexts: Sequence[str], until: Sequence[Sequence[str]],
                    max_new_tokens: Sequence[int], *, batch_size: int = 8,
-                   progress: Progress | None = None) -> list[str]:
-  """Greedy continuations (KV cache) of BOS-prefixed contexts, cut at EOS and stop strings."""
-  prompts = [_TOK.encode(c, bos=True) for c in contexts]
+                   progress: Progress | None = None,
+                   tokenizer: Tokenizer | None = None) -> list[str]:
+  """Greedy continuations (KV cache) of BOS-prefixed contexts, cut at the tokenizer's
+  stop ids and the stop strings."""
+  tok = resolve(tokenizer)
+  prompts = [tok.encode(c, bos=True) for c in contexts]
   order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
   out = [""] * len(prompts)
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     ids = sample_lib.generate_ids(model, [prompts[i] for i in idx],
-                                  max_new_tokens=max(max_new_tokens[i] for i in idx))
+                                  max_new_tokens=max(max_new_tokens[i] for i in idx),
+                                  eos_ids=tok.stop_ids, pad_id=tok.pad_id)
     for row, i in zip(ids, idx):
-      row = row[:max_new_tokens[i]]
-      end = np.flatnonzero(row == data_lib.EOS)
-      text = _TOK.decode(row[:end[0]] if end.size else row)
+      text = sample_lib.text_until_stop(row[:max_new_tokens[i]], tok)
       out[i] = tasks_lib.cut_at_stop(text, until[i])
     if progress:
       progress.update(len(idx))
@@ -231,8 +241,10 @@ def window_rows(tokens: np.ndarray, window: int, stride: int | None = None):
 def heldout_perplexity(model: nnx.Module, documents: Sequence[np.ndarray], *, window: int,
                        stride: int | None = None, batch_size: int = 8,
                        resamples: int = 1000, seed: int = 0,
-                       progress: Progress | None = None) -> tuple[dict, dict, dict]:
-  """Token- and byte-level perplexity of token documents (BOS first) (module doc).
+                       progress: Progress | None = None,
+                       tokenizer: Tokenizer | None = None) -> tuple[dict, dict, dict]:
+  """Token- and byte-level perplexity of documents in ``tokenizer``'s ids (default
+  bytes; BOS first where it has one) (module doc).
 
   Returns (metrics, bootstrap stderr over documents, per-document sums
   {"nll", "tokens", "byte_nll", "bytes"} as lists: for paired comparisons).
@@ -242,11 +254,14 @@ def heldout_perplexity(model: nnx.Module, documents: Sequence[np.ndarray], *, wi
     for inputs, targets, mask in window_rows(np.asarray(doc, np.int32), window, stride):
       rows.append((inputs, targets, mask))
       owner.append(d)
-  scored = score(model, [(r[0], r[1]) for r in rows], batch_size=batch_size, progress=progress)
+  tok = resolve(tokenizer)
+  token_bytes = tok.token_bytes()
+  scored = score(model, [(r[0], r[1]) for r in rows], batch_size=batch_size, progress=progress,
+                 pad_id=tok.pad_id)
   sums = np.zeros((len(documents), 4))   # nll, targets, byte nll, bytes
   for (inputs, targets, mask), (lp, _), d in zip(rows, scored, owner):
-    byte = mask & (targets < 256)
-    sums[d] += [-lp[mask].sum(), mask.sum(), -lp[byte].sum(), byte.sum()]
+    nbytes = token_bytes[targets] * mask
+    sums[d] += [-lp[mask].sum(), mask.sum(), -lp[nbytes > 0].sum(), nbytes.sum()]
   nll, count, bnll, nbytes = sums.T
   per_tok = lambda a, b: a.sum(-1) / b.sum(-1)
   bpb = lambda a, b: a.sum(-1) / LN2 / b.sum(-1)
@@ -265,32 +280,34 @@ def heldout_perplexity(model: nnx.Module, documents: Sequence[np.ndarray], *, wi
 
 
 def protocol(kind: str, window: int, stride: int) -> str:
+  metrics = ("nll/perplexity per token incl. EOS, bits_per_byte = NLL in bits of the targets "
+             "that stand for text over their UTF-8 bytes (special tokens such as EOS excluded)")
   if kind == "disjoint":
     return (f"disjoint windows of {window} tokens per document (lm-eval rolling "
             "loglikelihood): every target predicted once, a window's first prediction "
-            "sees 1 token of context; nll/perplexity per token incl. EOS, bits_per_byte "
-            "over byte targets (EOS excluded)")
+            f"sees 1 token of context; {metrics}")
   return (f"sliding windows of {window} tokens, stride {stride}, per document: every target "
           f"predicted once with >= {window - stride} tokens of context (fewer at a "
-          "document's start); nll/perplexity per token incl. EOS, bits_per_byte over "
-          "byte targets (EOS excluded)")
+          f"document's start); {metrics}")
 
 
-def heldout_documents(run_config, heldout_cfg, max_documents: int | None = None):
-  """(token documents, corpus fingerprint, source) of the held-out text.
+def heldout_documents(run_config, heldout_cfg, max_documents: int | None = None,
+                      tokenizer: Tokenizer | None = None):
+  """(token documents, corpus fingerprint, source) of the held-out text, in
+  ``tokenizer``'s ids (default bytes).
 
   Documents in order, each cut to its first ``max_doc_tokens`` (0: whole),
   until ``max_tokens`` in all (the last one cut to fit) or ``max_documents``.
   """
   if heldout_cfg.path:
     docs = data_lib.text_documents([p for p in heldout_cfg.path.split(",") if p])
-    stream = data_lib.TokenStream.from_documents(docs)
+    stream = data_lib.TokenStream.from_documents(docs, tokenizer)
     fingerprint, source = None, heldout_cfg.path
   else:
     if run_config is None:
       raise ConfigError("heldout.path", "the checkpoint records no data config: "
                         "give held-out text files")
-    corpus = data_lib.Corpus.from_config(run_config.data)
+    corpus = data_lib.Corpus.from_config(run_config.data, tokenizer)
     stream, fingerprint = corpus.heldout, corpus.fingerprint
     source = f"held-out split of the run's {run_config.data.source} corpus"
   bounds = list(stream.starts) + [stream.tokens.size]
@@ -312,18 +329,24 @@ def heldout_documents(run_config, heldout_cfg, max_documents: int | None = None)
 # --- synthetic suites ----------------------------------------------------------------
 
 
-def suite(name: str, cfg: ml_collections.ConfigDict) -> list:
+def suite(name: str, cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> list:
   """The task settings of synthetic suite ``name`` from its config block.
 
   MQAR skips (num_pairs, seq_len) pairs that do not fit; any other setting
-  that cannot be generated is a ConfigError.
+  that cannot be generated (in ``tokenizer``'s ids, default bytes) is a
+  ConfigError.
   """
+  tok = resolve(tokenizer)
   if name == "mqar":
+    try:
+      synthetic.require_bytes(tok, name)
+    except ValueError as e:
+      raise ConfigError("tasks", str(e)) from None
     grid = [synthetic.MQAR(num_pairs=p, seq_len=L, key_len=cfg.key_len)
             for L in cfg.seq_lens for p in cfg.num_pairs]
-    tasks = [t for t in grid if _error(t) is None]
+    tasks = [t for t in grid if _error(t, tok) is None]
     if not tasks:
-      raise ConfigError("mqar.seq_lens", f"no setting fits: {_error(grid[0])}")
+      raise ConfigError("mqar.seq_lens", f"no setting fits: {_error(grid[0], tok)}")
     return tasks
   if name == "passkey":
     tasks = [synthetic.Passkey(context_len=c, depth=d, digits=cfg.digits)
@@ -340,14 +363,14 @@ def suite(name: str, cfg: ml_collections.ConfigDict) -> list:
   else:
     raise ValueError(f"unknown synthetic suite {name!r}")
   for t in tasks:
-    if _error(t) is not None:
-      raise ConfigError(key, _error(t))
+    if _error(t, tok) is not None:
+      raise ConfigError(key, _error(t, tok))
   return tasks
 
 
-def _error(task) -> str | None:
+def _error(task, tokenizer: Tokenizer) -> str | None:
   try:
-    synthetic.example(task, 0, 0)
+    synthetic.example(task, 0, 0, tokenizer)
     return None
   except ValueError as e:
     return str(e)
@@ -355,11 +378,13 @@ def _error(task) -> str | None:
 
 def evaluate_synthetic(model: nnx.Module, task, *, num_examples: int, seed: int = 0,
                        batch_size: int = 8, resamples: int = 1000,
-                       progress: Progress | None = None) -> tuple[dict, dict]:
+                       progress: Progress | None = None,
+                       tokenizer: Tokenizer | None = None) -> tuple[dict, dict]:
   """(metrics, stderr) of one synthetic setting: acc (example) and token_acc (answer token)."""
-  exs = synthetic.examples(task, seed, num_examples)
+  tok = resolve(tokenizer)
+  exs = synthetic.examples(task, seed, num_examples, tokenizer=tok)
   scored = score(model, [(e.inputs, e.targets) for e in exs], batch_size=batch_size,
-                 progress=progress)
+                 progress=progress, pad_id=tok.pad_id)
   acc, tok_ok, tok_n = [], [], []
   for e, (_, greedy) in zip(exs, scored):
     ok = greedy[e.loss_mask > 0]
@@ -435,12 +460,15 @@ def check_task_names(names: Sequence[str]) -> None:
 
 def evaluate(model: nnx.Module, names: Sequence[str], *, run_config=None,
              eval_config: ml_collections.ConfigDict | None = None, batch_size: int = 8,
-             max_examples: int | None = None, show_progress: bool = True) -> dict:
-  """Runs the named tasks; returns {"rows": [...], "fingerprint": ...}.
+             max_examples: int | None = None, show_progress: bool = True,
+             tokenizer: Tokenizer | None = None) -> dict:
+  """Runs the named tasks with texts in ``tokenizer``'s ids (default bytes); returns
+  {"rows": [...], "fingerprint": ...}.
 
   Each row is {"task", "setting", "n", "metrics", "stderr"} (plus
   "protocol" for perplexity and "examples" for task files).
   """
+  tokenizer = resolve(tokenizer)
   cfg = eval_config or default_config()
   validate_config(cfg)
   check_task_names(names)
@@ -453,13 +481,13 @@ def evaluate(model: nnx.Module, names: Sequence[str], *, run_config=None,
       if window < 1:
         raise ConfigError("heldout.window", "the checkpoint records no seq_len: set it")
       stride = window if kind == "disjoint" else min(cfg.heldout.stride, window)
-      heldout = heldout or heldout_documents(run_config, cfg.heldout, max_examples)
+      heldout = heldout or heldout_documents(run_config, cfg.heldout, max_examples, tokenizer)
       docs, fingerprint, source = heldout
       total = sum(len(window_rows(d, window, stride)) for d in docs)
       bar = Progress(total, name, show_progress)
       metrics, stderr, per_document = heldout_perplexity(
           model, docs, window=window, stride=stride, batch_size=batch_size, resamples=res,
-          seed=seed, progress=bar)
+          seed=seed, progress=bar, tokenizer=tokenizer)
       bar.close()
       rows.append({"task": name, "setting": {"window": window, "stride": stride},
                    "n": len(docs), "metrics": metrics, "stderr": stderr,
@@ -468,22 +496,23 @@ def evaluate(model: nnx.Module, names: Sequence[str], *, run_config=None,
     elif name in SYNTHETIC_TASKS:
       block = cfg[name]
       n = min(block.num_examples, max_examples or block.num_examples)
-      settings = suite(name, block)
+      settings = suite(name, block, tokenizer)
       bar = Progress(n * len(settings), name, show_progress)
       for task in settings:
         metrics, stderr = evaluate_synthetic(model, task, num_examples=n, seed=seed,
                                              batch_size=batch_size, resamples=res,
-                                             progress=bar)
+                                             progress=bar, tokenizer=tokenizer)
         rows.append({"task": name, "setting": task.setting(), "n": n, "metrics": metrics,
                      "stderr": stderr})
       bar.close()
     else:
       rows.append(_task_file_row(model, task_file_path(name), cfg, batch_size, max_examples,
-                                 show_progress))
+                                 show_progress, tokenizer))
   return {"rows": rows, "fingerprint": fingerprint}
 
 
-def _task_file_row(model, path, cfg, batch_size, max_examples, show_progress) -> dict:
+def _task_file_row(model, path, cfg, batch_size, max_examples, show_progress,
+                   tokenizer: Tokenizer) -> dict:
   task = tasks_lib.load(path)
   n = min(len(task.records), max_examples or len(task.records))
   calls = (sum(len(r["choices"]) for r in task.records[:n])
@@ -491,12 +520,13 @@ def _task_file_row(model, path, cfg, batch_size, max_examples, show_progress) ->
   bar = Progress(calls, task.name, show_progress)
 
   def ll(pairs):
-    reqs = [(_TOK.encode(c, bos=True), _TOK.encode(x)) for c, x in pairs]
+    reqs = [(tokenizer.encode(c, bos=True), tokenizer.encode(x)) for c, x in pairs]
     return loglikelihood(model, reqs, batch_size=batch_size, max_length=cfg.tasks.max_length,
-                         progress=bar)
+                         progress=bar, pad_id=tokenizer.pad_id)
 
   def gen(contexts, until, max_new):
-    return generate_until(model, contexts, until, max_new, batch_size=batch_size, progress=bar)
+    return generate_until(model, contexts, until, max_new, batch_size=batch_size, progress=bar,
+                          tokenizer=tokenizer)
 
   values, examples = tasks_lib.evaluate(task, ll, gen, max_examples=n,
                                         default_max_new_tokens=cfg.tasks.max_new_tokens)
@@ -550,15 +580,22 @@ def git_commit() -> tuple[str | None, bool | None]:
 
 def run(checkpoint: str, names: Sequence[str], *, step: int | None = None,
         eval_config: ml_collections.ConfigDict | None = None, batch_size: int = 8,
-        max_examples: int | None = None, show_progress: bool = True) -> dict:
-  """Loads a checkpoint, evaluates ``names`` and returns the full report (JSON-ready)."""
+        max_examples: int | None = None, show_progress: bool = True,
+        tokenizer: Tokenizer | None = None) -> dict:
+  """Loads a checkpoint, evaluates ``names`` and returns the full report (JSON-ready).
+
+  ``tokenizer``: default the checkpoint's own (``gemkit.runs.load_tokenizer``:
+  the run's recorded one, bytes for runs that record none).
+  """
   cfg = eval_config or default_config()
   validate_config(cfg)
   check_task_names(names)
   loaded = load_checkpoint(checkpoint, step)
+  tokenizer = tokenizer or runs.load_tokenizer(checkpoint)
   start = time.perf_counter()
   out = evaluate(loaded.model, names, run_config=loaded.config, eval_config=cfg,
-                 batch_size=batch_size, max_examples=max_examples, show_progress=show_progress)
+                 batch_size=batch_size, max_examples=max_examples, show_progress=show_progress,
+                 tokenizer=tokenizer)
   commit, dirty = git_commit()
   settings = {
       "checkpoint": str(checkpoint), "workdir": str(loaded.workdir), "step": loaded.step,
@@ -566,7 +603,7 @@ def run(checkpoint: str, names: Sequence[str], *, step: int | None = None,
       "model_config": loaded.meta.get("model"),
       "run_config": loaded.config.to_dict() if loaded.config is not None else None,
       "eval_config": cfg.to_dict(),
-      "corpus_fingerprint": out["fingerprint"],
+      "tokenizer": tokenizer.describe(), "corpus_fingerprint": out["fingerprint"],
       "checkpoint_corpus_fingerprint": loaded.meta.get("corpus_fingerprint"),
       "git_commit": commit, "git_dirty": dirty, "jax_version": jax.__version__,
       "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",

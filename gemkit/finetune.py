@@ -26,8 +26,9 @@ Tasks (``task.kind``):
   held out: ``task.eval_path`` or, without one, the prompts whose hash falls
   under ``task.heldout_fraction``.
 
-Examples are ``BOS prompt completion EOS``, packed whole with one segment
-each; the loss is on the completion (and its EOS) only
+Examples are ``BOS prompt completion EOS`` in the base's tokenizer's ids
+(``Base.tokenizer``: BOS only where it has one), packed whole with one
+segment each; the loss is on the completion (and its EOS) only
 (``gemkit.data.PackedCompletions``).
 
 Reported per method (:func:`run`): exact match (greedy generation through
@@ -67,6 +68,7 @@ from gemkit import sample as sample_lib
 from gemkit import synthetic
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
+from gemkit.tokenizer import PAD, Tokenizer, resolve
 
 METHODS = ("full", "lora", "dora", "qlora", "pissa")
 TASKS = ("arithmetic", "jsonl")
@@ -75,41 +77,46 @@ TASKS = ("arithmetic", "jsonl")
 # --- task data ------------------------------------------------------------------------------
 
 
-def arithmetic_examples(task: synthetic.Arithmetic, seed: int, n: int,
-                        start: int = 0) -> list[data_lib.Completion]:
-  """Examples ``start .. start + n - 1`` of ``task`` as (prompt, completion + EOS)."""
-  out = []
-  for ex in synthetic.examples(task, seed, n, start):
+def arithmetic_examples(task: synthetic.Arithmetic, seed: int, n: int, start: int = 0,
+                        tokenizer: Tokenizer | None = None) -> list[data_lib.Completion]:
+  """Examples ``start .. start + n - 1`` of ``task`` as (prompt, completion + EOS), in
+  ``tokenizer``'s ids (default bytes)."""
+  tok, out = resolve(tokenizer), []
+  for ex in synthetic.examples(task, seed, n, start, tok):
     out.append(data_lib.Completion(ex.prompt.astype(np.int32),
-                                   np.append(ex.answer, data_lib.EOS).astype(np.int32)))
+                                   np.append(ex.answer, tok.eos_id).astype(np.int32)))
   return out
 
 
-def jsonl_examples(path: str, key: str = "task.path") -> list[data_lib.Completion]:
-  """``{"prompt": str, "completion": str}`` lines; errors name the file and line."""
+def jsonl_examples(path: str, key: str = "task.path",
+                   tokenizer: Tokenizer | None = None) -> list[data_lib.Completion]:
+  """``{"prompt": str, "completion": str}`` lines in ``tokenizer``'s ids (default bytes);
+  errors name the file and line."""
   out = []
   for where, record in data_lib.jsonl_records(path, key):
     if not (isinstance(record, dict) and isinstance(record.get("prompt"), str)
             and isinstance(record.get("completion"), str) and record["completion"]):
       raise ConfigError(key, f"{where}: needs string fields 'prompt' and 'completion' "
                         "(non-empty)")
-    out.append(data_lib.Completion.from_text(record["prompt"], record["completion"]))
+    out.append(data_lib.Completion.from_text(record["prompt"], record["completion"],
+                                             tokenizer))
   if not out:
     raise ConfigError(key, f"{path} holds no examples")
   return out
 
 
 class TaskData:
-  """A task's packed train and held-out rows: the ``data`` of ``gemkit.train.Trainer``."""
+  """A task's packed train and held-out rows: the ``data`` of ``gemkit.train.Trainer``
+  (``pad_id``: the tokenizer's PAD, which fills the rows)."""
 
   def __init__(self, train: Sequence[data_lib.Completion], heldout: Sequence[data_lib.Completion],
-               seq_len: int, identity: dict, prefetch: int = 2):
+               seq_len: int, identity: dict, prefetch: int = 2, pad_id: int = PAD):
     if not train or not heldout:
       raise ConfigError("task", f"needs training and held-out examples, got {len(train)} "
                         f"and {len(heldout)}")
     self.train, self.heldout = list(train), list(heldout)
-    self.train_rows = data_lib.PackedCompletions(self.train, seq_len)
-    self.heldout_rows = data_lib.PackedCompletions(self.heldout, seq_len)
+    self.train_rows = data_lib.PackedCompletions(self.train, seq_len, pad_id)
+    self.heldout_rows = data_lib.PackedCompletions(self.heldout, seq_len, pad_id)
     self.seq_len, self.identity, self.prefetch = seq_len, identity, prefetch
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for ex in self.train + [None] + self.heldout:
@@ -132,23 +139,24 @@ class TaskData:
             "heldout_completion_tokens": tokens(self.heldout)}
 
 
-def task_data(cfg: ml_collections.ConfigDict) -> TaskData:
-  """The TaskData of a fine-tuning config's ``task`` block."""
-  t = cfg.task
+def task_data(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> TaskData:
+  """The TaskData of a fine-tuning config's ``task`` block in ``tokenizer``'s ids
+  (default bytes)."""
+  t, tok = cfg.task, resolve(tokenizer)
   if t.kind == "arithmetic":
     spec = synthetic.Arithmetic(digits=t.digits, reverse=t.reverse, min_digits=t.min_digits)
-    train = arithmetic_examples(spec, cfg.seed, t.train_examples)
+    train = arithmetic_examples(spec, cfg.seed, t.train_examples, tokenizer=tok)
     seen, heldout = {ex.prompt.tobytes() for ex in train}, []
-    for ex in arithmetic_examples(spec, cfg.seed + 1, 8 * t.eval_examples):
+    for ex in arithmetic_examples(spec, cfg.seed + 1, 8 * t.eval_examples, tokenizer=tok):
       if len(heldout) < t.eval_examples and ex.prompt.tobytes() not in seen:
         seen.add(ex.prompt.tobytes())          # distinct problems, none seen in training
         heldout.append(ex)
     identity = {"kind": "arithmetic", "digits": t.digits, "min_digits": t.min_digits,
                 "reverse": t.reverse, "seed": cfg.seed}
   elif t.kind == "jsonl":
-    examples = jsonl_examples(t.path)
+    examples = jsonl_examples(t.path, tokenizer=tok)
     if t.eval_path:
-      train, heldout = examples, jsonl_examples(t.eval_path, "task.eval_path")
+      train, heldout = examples, jsonl_examples(t.eval_path, "task.eval_path", tok)
     else:
       held = [_in_heldout(ex.prompt.tobytes(), t.heldout_fraction) for ex in examples]
       train = [ex for ex, h in zip(examples, held) if not h]
@@ -159,7 +167,7 @@ def task_data(cfg: ml_collections.ConfigDict) -> TaskData:
                 "heldout_fraction": t.heldout_fraction}
   else:
     raise ConfigError("task.kind", f"must be one of {TASKS}, got {t.kind!r}")
-  return TaskData(train, heldout, t.seq_len, identity, prefetch=t.prefetch)
+  return TaskData(train, heldout, t.seq_len, identity, prefetch=t.prefetch, pad_id=tok.pad_id)
 
 
 def _in_heldout(key: bytes, fraction: float) -> bool:
@@ -171,18 +179,20 @@ def _in_heldout(key: bytes, fraction: float) -> bool:
 
 
 def exact_match(model: nnx.Module, examples: Sequence[data_lib.Completion], *,
-                batch_size: int = 512) -> dict:
+                batch_size: int = 512, tokenizer: Tokenizer | None = None) -> dict:
   """Greedy generation (KV cache) from each prompt; correct iff it reproduces the completion.
 
   The completion ends with EOS, so a correct generation also stops there.
-  Returns {"exact_match", "n", "samples": a few (prompt, generated, expected)}.
+  Returns {"exact_match", "n", "samples": a few (prompt, generated, expected)}, the
+  samples decoded with ``tokenizer`` (default bytes), whose stop ids end generation.
   """
-  tok = data_lib.ByteTokenizer()
+  tok = resolve(tokenizer)
   steps = max(ex.completion.size for ex in examples)
   correct, samples = [], []
   for start in range(0, len(examples), batch_size):
     chunk = examples[start:start + batch_size]
-    out = sample_lib.generate_ids(model, [ex.prompt for ex in chunk], max_new_tokens=steps)
+    out = sample_lib.generate_ids(model, [ex.prompt for ex in chunk], max_new_tokens=steps,
+                                  eos_ids=tok.stop_ids, pad_id=tok.pad_id)
     for ex, row in zip(chunk, out):
       correct.append(bool(np.array_equal(row[:ex.completion.size], ex.completion)))
       if len(samples) < 4:
@@ -337,7 +347,7 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
   meta = {"finetune": {**settings, "base": base.info(), "task": task.identity,
                        "task_fingerprint": task.fingerprint}}
   trainer = train_lib.Trainer(tcfg, workdir, model_fn=lambda: model, trainable=trainable,
-                              data=task, meta=meta)
+                              data=task, meta=meta, tokenizer=base.tokenizer)
   try:
     trainable_n, total_n = (lora.count(model, settings.get("adapter"))
                             if method != "full" else (base.num_params, base.num_params))
@@ -347,7 +357,7 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
     train_s = time.perf_counter() - start
     tuned = trainer.model()
     t0 = time.perf_counter()
-    em = exact_match(tuned, task.heldout)
+    em = exact_match(tuned, task.heldout, tokenizer=base.tokenizer)
     loss = completion_loss(tuned, task, cfg.train.batch_size)
     eval_s = time.perf_counter() - t0
     row = {
@@ -442,11 +452,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = Non
   workdir = pathlib.Path(workdir or pathlib.Path("runs") / cfg.name)
   start = time.perf_counter()
   base = Base(cfg.get("model", {}).get("init_from") or cfg.base.workdir, cfg.base.step or None)
-  task = task_data(cfg)
+  task = task_data(cfg, base.tokenizer)
   log(f"base {base.workdir} step {base.step} ({base.num_params:,} parameters, fingerprint "
       f"{base.fingerprint}); task {task.summary()}")
   t0 = time.perf_counter()
-  em = exact_match(base.model, task.heldout)
+  em = exact_match(base.model, task.heldout, tokenizer=base.tokenizer)
   base_row = {"method": "base", "exact_match": em["exact_match"],
               "heldout_loss": completion_loss(base.model, task, cfg.train.batch_size),
               "trainable_params": 0, "total_params": base.num_params, "trainable_pct": 0.0,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gemkit.data import EOS, PAD, ByteTokenizer
+from gemkit.tokenizer import EOS, PAD, Tokenizer, resolve
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0,
@@ -44,9 +44,9 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float = 1.0
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p"))
+                                             "top_k", "top_p", "eos_ids", "pad_id"))
 def _generate(graphdef, state, prompt, lengths, key, *, max_new_tokens, temperature,
-              top_k, top_p):
+              top_k, top_p, eos_ids, pad_id):
   model = nnx.merge(graphdef, state)
   B, P = prompt.shape
   cache = model.init_cache(B, P + max_new_tokens)
@@ -56,8 +56,8 @@ def _generate(graphdef, state, prompt, lengths, key, *, max_new_tokens, temperat
   def step(carry, step_key):
     cache, logits, done = carry
     tok = sample_logits(logits, step_key, temperature=temperature, top_k=top_k, top_p=top_p)
-    tok = jnp.where(done, PAD, tok)
-    done = done | (tok == EOS)
+    tok = jnp.where(done, pad_id, tok)
+    done = done | jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
     logits, cache = model.decode(tok[:, None], cache)
     return (cache, logits[:, 0], done), tok
 
@@ -68,36 +68,40 @@ def _generate(graphdef, state, prompt, lengths, key, *, max_new_tokens, temperat
 
 def generate_ids(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, eos_ids: Sequence[int] = (EOS,),
+                 pad_id: int = PAD) -> np.ndarray:
   """Continues each prompt (token ids, ragged) by max_new_tokens ids [B, N].
 
-  After EOS a row emits PAD.
+  After any of ``eos_ids`` a row emits ``pad_id`` (defaults: the byte tokenizer's).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be non-empty token sequences")
   P = max(len(p) for p in prompts)
-  prompt = np.full((len(prompts), P), PAD, np.int32)
+  prompt = np.full((len(prompts), P), pad_id, np.int32)
   for i, p in enumerate(prompts):
     prompt[i, :len(p)] = p
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   graphdef, state = nnx.split(model)
   out = _generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(lengths),
                   jax.random.key(seed), max_new_tokens=max_new_tokens,
-                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                  eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
   return np.asarray(out)
 
 
 def generate(model: nnx.Module, prompts: Sequence[str], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0) -> list[str]:
-  """Text continuations of text prompts (BOS-prefixed, stopped at EOS)."""
-  tok = ByteTokenizer()
+             seed: int = 0, tokenizer: Tokenizer | None = None) -> list[str]:
+  """Text continuations of text prompts in ``tokenizer``'s ids (default bytes): each
+  prompt BOS-prefixed (if the tokenizer has a BOS), stopped at any of its stop ids."""
+  tok = resolve(tokenizer)
   ids = generate_ids(model, [tok.encode(p, bos=True) for p in prompts],
                      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=seed)
-  texts = []
-  for row in ids:
-    end = np.flatnonzero(row == EOS)
-    texts.append(tok.decode(row[:end[0]] if end.size else row))
-  return texts
+                     top_p=top_p, seed=seed, eos_ids=tok.stop_ids, pad_id=tok.pad_id)
+  return [text_until_stop(row, tok) for row in ids]
 
+
+def text_until_stop(ids: np.ndarray, tokenizer: Tokenizer) -> str:
+  """The text of generated ``ids`` before the first of the tokenizer's stop ids."""
+  stop = np.flatnonzero(np.isin(ids, tokenizer.stop_ids))
+  return tokenizer.decode(ids[:stop[0]] if stop.size else ids)

@@ -1,9 +1,13 @@
 """Seeded synthetic tasks for training and evaluation: MQAR, passkey, counting, arithmetic.
 
-Every task is a frozen dataclass with ``sample(rng) -> Example``. Examples are
-byte-token sequences (``gemkit.data.ByteTokenizer`` ids, BOS first), so any
-model with a vocabulary of at least 259 ids trains and evaluates on them, and
-the text is readable. Example ``i`` of a task under seed ``s`` is drawn from
+Every task is a frozen dataclass with ``sample(rng, tokenizer=None) -> Example``.
+Examples are token sequences in a tokenizer's ids (BOS first where it has
+one; default the byte tokenizer, so any model with a vocabulary of at least
+259 ids trains and evaluates on them), and the text is readable. Tasks that
+are text (passkey, counting, arithmetic) encode each piece of text (prompt,
+answer) separately through the tokenizer, so answers start on a token
+boundary; MQAR is defined over byte tokens and needs the byte tokenizer
+(:func:`require_bytes`). Example ``i`` of a task under seed ``s`` is drawn from
 ``numpy.random.default_rng([s, i])``: random access, so the same example comes
 back in any order, from any process, and a Grain source is a thin wrapper.
 
@@ -45,9 +49,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from gemkit.data import BOS, PAD, ByteTokenizer
-
-_TOK = ByteTokenizer()
+from gemkit.tokenizer import PAD, ByteTokenizer, Tokenizer, resolve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +63,15 @@ class Example:
   lm: bool = True     # targets are the inputs shifted by one (a generation task)
 
   @classmethod
-  def from_text(cls, pieces: Sequence[tuple[str, bool]], info: dict) -> "Example":
-    """Joins ``(text, is_answer)`` pieces after a BOS; answer bytes get loss."""
-    ids, answer = [np.array([BOS], np.int32)], [np.zeros(1, bool)]
+  def from_text(cls, pieces: Sequence[tuple[str, bool]], info: dict,
+                tokenizer: Tokenizer | None = None) -> "Example":
+    """Joins ``(text, is_answer)`` pieces, each encoded alone, after a BOS (if the
+    tokenizer has one); answer tokens get loss."""
+    tok = resolve(tokenizer)
+    head = tok.encode("", bos=True)
+    ids, answer = [head], [np.zeros(head.size, bool)]
     for text, is_answer in pieces:
-      piece = _TOK.encode(text)
+      piece = tok.encode(text)
       ids.append(piece)
       answer.append(np.full(piece.size, is_answer))
     seq, ans = np.concatenate(ids), np.concatenate(answer)
@@ -90,12 +96,28 @@ class Example:
     end = first + (int(np.argmin(mask[first:])) if not mask[first:].all() else mask[first:].size)
     return self.targets[first:end]
 
-  def text(self) -> str:
-    return _TOK.decode(np.append(self.inputs, self.targets[-1]))
+  def text(self, tokenizer: Tokenizer | None = None) -> str:
+    return resolve(tokenizer).decode(np.append(self.inputs, self.targets[-1]))
 
   def _need_lm(self):
     if not self.lm:
       raise ValueError("a sequence-labelling example has no (prompt, answer) pair")
+
+
+def require_bytes(tokenizer: Tokenizer, task: str) -> None:
+  """A ValueError unless ``tokenizer`` is the byte tokenizer, for a task defined on byte ids."""
+  if not isinstance(tokenizer, ByteTokenizer):
+    raise ValueError(f"{task} is defined on byte tokens and needs the byte tokenizer, not "
+                     f"{tokenizer.name!r}")
+
+
+def _single_token_ids(tokenizer: Tokenizer, chars: str, task: str) -> np.ndarray:
+  """The id of each character of ``chars``, each of which must be one token."""
+  ids = [tokenizer.encode(c) for c in chars]
+  if any(i.size != 1 for i in ids):
+    raise ValueError(f"{task} needs each of {chars!r} to be a single token; the "
+                     f"{tokenizer.name!r} tokenizer splits one")
+  return np.concatenate(ids)
 
 
 def _distinct_strings(rng: np.random.Generator, alphabet: str, length: int, n: int) -> list[str]:
@@ -118,6 +140,9 @@ def _distinct_strings(rng: np.random.Generator, alphabet: str, length: int, n: i
 class MQAR:
   """``"ab:3 cd:7 ... ~~~~ |cd:7 ab:3"``; answers are the values after the queries.
 
+  Keys and values are byte tokens (the per-token recall Zoology measures), so
+  the task needs the byte tokenizer.
+
   Args:
     num_pairs: key-value pairs (all distinct keys).
     seq_len: length of the inputs (tokens after BOS, excluding the last);
@@ -136,7 +161,8 @@ class MQAR:
   def setting(self) -> dict:
     return {"num_pairs": self.num_pairs, "seq_len": self.seq_len}
 
-  def sample(self, rng: np.random.Generator) -> Example:
+  def sample(self, rng: np.random.Generator, tokenizer: Tokenizer | None = None) -> Example:
+    require_bytes(resolve(tokenizer), self.name)
     n, q = self.num_pairs, self.num_queries or self.num_pairs
     if not 1 <= q <= n:
       raise ValueError(f"num_queries must be in [1, num_pairs={n}], got {q}")
@@ -167,8 +193,11 @@ class Passkey:
   """A ``digits``-digit pass key at relative ``depth`` of filler text.
 
   The example's inputs are at most ``context_len`` tokens (within one filler
-  sentence of it). The filler is whole sentences of ``filler``; the prompt ends with the
-  question and the answer is the key followed by ``"."``.
+  sentence of it), counted as the tokenizer encodes each part alone (the
+  head, each filler sentence, the needle, the question, the answer): exact
+  for bytes, an upper bound for tokenizers that merge across the joins. The
+  filler is whole sentences of ``filler``; the prompt ends with the question
+  and the answer is the key followed by ``"."``.
   """
 
   context_len: int = 512
@@ -184,7 +213,9 @@ class Passkey:
   def setting(self) -> dict:
     return {"context_len": self.context_len, "depth": self.depth}
 
-  def sample(self, rng: np.random.Generator) -> Example:
+  def sample(self, rng: np.random.Generator, tokenizer: Tokenizer | None = None) -> Example:
+    tok = resolve(tokenizer)
+    size = lambda text: tok.encode(text).size
     if not 0.0 <= self.depth <= 1.0:
       raise ValueError(f"depth must be in [0, 1], got {self.depth}")
     key = str(rng.integers(10 ** (self.digits - 1), 10 ** self.digits))
@@ -192,19 +223,20 @@ class Passkey:
     sentences = [s.strip() + " " for s in re.findall(r"[^.]+\.", self.filler) if s.strip()]
     if not sentences:
       raise ValueError(f"filler needs at least one sentence ending in '.', got {self.filler!r}")
-    fixed = len(self._HEAD) + len(needle) + len(self._QUESTION) + len(key) + 1
+    fixed = size(self._HEAD) + size(needle) + size(self._QUESTION) + size(key + ".")
     budget = self.context_len - fixed     # inputs = BOS + prompt + answer - 1 token
     if budget < 0:
       raise ValueError(f"context_len={self.context_len} is too short (needs >= {fixed})")
+    cost = {s: size(s) for s in sentences}
     hay, i = [], 0
-    while budget >= len(sentences[i % len(sentences)]):
+    while budget >= cost[sentences[i % len(sentences)]]:
       hay.append(sentences[i % len(sentences)])
-      budget -= len(hay[-1])
+      budget -= cost[hay[-1]]
       i += 1
     at = int(round(self.depth * len(hay)))
     prompt = self._HEAD + "".join(hay[:at]) + needle + "".join(hay[at:]) + self._QUESTION
     return Example.from_text([(prompt, False), (key + ".", True)],
-                             {"passkey": key, "needle_sentence": at})
+                             {"passkey": key, "needle_sentence": at}, tok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +245,9 @@ class Counting:
 
   ``running=False``: ``"0110=2"`` with the answer digit after ``"="``.
   ``running=True``: a labelling task, target ``i`` is ``sum(b_1..b_i) mod k``
-  (inputs are BOS and the bits; the BOS position is not scored).
+  (inputs are BOS and the bits; the BOS position is not scored). Each bit
+  and count is the token of its digit, so the tokenizer must have a single
+  token for each digit.
   """
 
   length: int = 16
@@ -227,7 +261,8 @@ class Counting:
   def setting(self) -> dict:
     return {"length": self.length, "modulus": self.modulus}
 
-  def sample(self, rng: np.random.Generator) -> Example:
+  def sample(self, rng: np.random.Generator, tokenizer: Tokenizer | None = None) -> Example:
+    tok = resolve(tokenizer)
     if not 2 <= self.modulus <= 10:
       raise ValueError(f"modulus must be in [2, 10], got {self.modulus}")
     bits = rng.integers(0, 2, self.length)
@@ -235,10 +270,12 @@ class Counting:
     text = "".join(map(str, bits))
     info = {"bits": text, "answer": str(counts[-1])}
     if not self.running:
-      return Example.from_text([(text + "=", False), (str(counts[-1]), True)], info)
-    inputs = np.concatenate([[BOS], _TOK.encode(text)]).astype(np.int32)
-    targets = np.concatenate([[PAD], _TOK.encode("".join(map(str, counts)))]).astype(np.int32)
-    mask = np.concatenate([[0.0], np.ones(self.length)]).astype(np.float32)
+      return Example.from_text([(text + "=", False), (str(counts[-1]), True)], info, tok)
+    digit = _single_token_ids(tok, string.digits, f"{self.name} with running=True")
+    head = tok.encode("", bos=True)
+    inputs = np.concatenate([head, digit[bits]]).astype(np.int32)
+    targets = np.concatenate([np.full(head.size, tok.pad_id), digit[counts]]).astype(np.int32)
+    mask = np.concatenate([np.zeros(head.size), np.ones(self.length)]).astype(np.float32)
     return Example(inputs, targets, mask, info, lm=False)
 
 
@@ -262,38 +299,42 @@ class Arithmetic:
     n = int(rng.integers(self.min_digits, self.digits + 1))
     return int(rng.integers(0 if n == 1 else 10 ** (n - 1), 10 ** n))
 
-  def sample(self, rng: np.random.Generator) -> Example:
+  def sample(self, rng: np.random.Generator, tokenizer: Tokenizer | None = None) -> Example:
     if not 1 <= self.min_digits <= self.digits:
       raise ValueError(f"need 1 <= min_digits <= digits, got {self.min_digits}, {self.digits}")
     a, b = self._operand(rng), self._operand(rng)
     c = str(a + b)
     return Example.from_text([(f"${a}+{b}=", False), ((c[::-1] if self.reverse else c) + "$",
-                                                      True)], {"a": a, "b": b, "sum": a + b})
+                                                      True)], {"a": a, "b": b, "sum": a + b},
+                             tokenizer)
 
 
 # --- drawing and batching ----------------------------------------------------
 
 
-def example(task, seed: int, index: int) -> Example:
-  """Example ``index`` of ``task`` under ``seed`` (independent of any other index)."""
-  return task.sample(np.random.default_rng([seed, index]))
+def example(task, seed: int, index: int, tokenizer: Tokenizer | None = None) -> Example:
+  """Example ``index`` of ``task`` under ``seed`` (independent of any other index), in
+  ``tokenizer``'s ids (default bytes)."""
+  return task.sample(np.random.default_rng([seed, index]), tokenizer)
 
 
-def examples(task, seed: int, n: int, start: int = 0) -> list[Example]:
-  return [example(task, seed, i) for i in range(start, start + n)]
+def examples(task, seed: int, n: int, start: int = 0,
+             tokenizer: Tokenizer | None = None) -> list[Example]:
+  return [example(task, seed, i, tokenizer) for i in range(start, start + n)]
 
 
-def batch(rows: Sequence[Example], seq_len: int | None = None) -> dict[str, np.ndarray]:
+def batch(rows: Sequence[Example], seq_len: int | None = None,
+          pad_id: int = PAD) -> dict[str, np.ndarray]:
   """Right-pads examples to ``seq_len`` (default: the longest) as a trainer batch.
 
-  Returns inputs/targets (PAD), segment_ids (1 real, 0 padding) and
-  loss_mask (0 on padding), each [len(rows), seq_len].
+  Returns inputs/targets (``pad_id``: the tokenizer's PAD), segment_ids (1
+  real, 0 padding) and loss_mask (0 on padding), each [len(rows), seq_len].
   """
   L = seq_len or max(len(r) for r in rows)
   if any(len(r) > L for r in rows):
     raise ValueError(f"an example of {max(len(r) for r in rows)} tokens exceeds seq_len={L}")
-  out = {"inputs": np.full((len(rows), L), PAD, np.int32),
-         "targets": np.full((len(rows), L), PAD, np.int32),
+  out = {"inputs": np.full((len(rows), L), pad_id, np.int32),
+         "targets": np.full((len(rows), L), pad_id, np.int32),
          "segment_ids": np.zeros((len(rows), L), np.int32),
          "loss_mask": np.zeros((len(rows), L), np.float32)}
   for i, r in enumerate(rows):
@@ -310,20 +351,24 @@ class Source:
   endless, reproducible training stream.
   """
 
-  def __init__(self, task, seed: int, seq_len: int, size: int = 2 ** 31 - 1):
+  def __init__(self, task, seed: int, seq_len: int, size: int = 2 ** 31 - 1,
+               tokenizer: Tokenizer | None = None):
     self.task, self.seed, self.seq_len, self.size = task, seed, seq_len, size
+    self.tokenizer = resolve(tokenizer)
 
   def __len__(self) -> int:
     return self.size
 
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-    row = batch([example(self.task, self.seed, int(i))], self.seq_len)
+    row = batch([example(self.task, self.seed, int(i), self.tokenizer)], self.seq_len,
+                self.tokenizer.pad_id)
     return {k: v[0] for k, v in row.items()}
 
 
-def batches(task, seed: int, batch_size: int, seq_len: int) -> Iterator[dict[str, np.ndarray]]:
+def batches(task, seed: int, batch_size: int, seq_len: int,
+            tokenizer: Tokenizer | None = None) -> Iterator[dict[str, np.ndarray]]:
   """Endless training batches of ``task`` (examples 0, 1, 2, ... in order)."""
-  i = 0
+  tok, i = resolve(tokenizer), 0
   while True:
-    yield batch(examples(task, seed, batch_size, start=i), seq_len)
+    yield batch(examples(task, seed, batch_size, i, tok), seq_len, tok.pad_id)
     i += batch_size

@@ -13,22 +13,26 @@ one ``type``; the task's name is the file's stem. Fields:
     Each choice is scored as a continuation of the context. ``acc``: the
     choice with the highest summed log-probability is ``choices[gold]``;
     ``acc_norm``: the same with each log-probability divided by the
-    choice's length in UTF-8 bytes (lm-eval normalises by characters; with
-    the byte tokenizer bytes are tokens).
+    choice's length in UTF-8 bytes (lm-eval normalises by characters; bytes
+    do not depend on the tokenizer, and with the byte tokenizer they are
+    tokens).
 
 ``{"type": "generate_until", "context": str, "target": str,
    "until": [str, ...], "max_new_tokens": int}``
     Greedy generation from the context, cut at the first stop string
-    (``until``, default ``["\\n"]``) or EOS, after at most
-    ``max_new_tokens`` (default: the evaluation config's). ``exact_match``:
-    the generation equals ``target`` after stripping surrounding whitespace.
+    (``until``, default ``["\\n"]``) or stop id of the tokenizer (EOS), after
+    at most ``max_new_tokens`` (default: the evaluation config's).
+    ``exact_match``: the generation equals ``target`` after stripping
+    surrounding whitespace.
 
 Every line may also carry an ``"id"`` (string or int). Context and
 continuation are joined as given (put the separating space in the
-continuation or choice, e.g. ``" True"``). The context is tokenized with a
-leading BOS, as training documents are. Any other field, a missing or
-ill-typed field, empty choices or a line that is not a JSON object is a
-:class:`TaskFileError` naming the file and line.
+continuation or choice, e.g. ``" True"``). ``gemkit.evaluate`` tokenizes
+them with the run's tokenizer, each on its own (as lm-eval does), the
+context with a leading BOS where the tokenizer has one, as training
+documents are. Any other field, a missing or ill-typed field, empty choices
+or a line that is not a JSON object is a :class:`TaskFileError` naming the
+file and line.
 
 This module is independent of the model: :func:`evaluate` takes the two
 primitives it needs (a batched loglikelihood and a batched greedy

@@ -58,6 +58,7 @@ from gemkit import data as data_lib
 from gemkit import metrics as metrics_lib
 from gemkit import optim
 from gemkit import sharding as sharding_lib
+from gemkit import tokenizer as tokenizer_lib
 from gemkit.config import ConfigError, validate
 
 LN2 = math.log(2.0)
@@ -164,18 +165,24 @@ def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTr
   return new_state, metrics
 
 
-def eval_step(params, frozen, batch, *, graphdef) -> dict:
-  """Sums over a batch: nll and count of all targets, and of byte targets."""
+def eval_step(params, frozen, batch, token_bytes=None, *, graphdef) -> dict:
+  """Sums over a batch: nll and count of all targets; nll of the targets that stand
+  for text and their bytes, ``token_bytes[targets]`` (the tokenizer's
+  ``token_bytes()`` table, default the byte tokenizer's: 1 per byte, 0 for
+  specials)."""
+  if token_bytes is None:
+    token_bytes = tokenizer_lib.ByteTokenizer().token_bytes()
   model = merge_model(graphdef, params, frozen)
   nll = token_nll(model(batch["inputs"], batch["segment_ids"]), batch["targets"])
   mask = batch["loss_mask"]
-  byte = mask * (batch["targets"] < 256)
+  target_bytes = jnp.asarray(token_bytes)[batch["targets"]]
+  text = mask * (target_bytes > 0)
   return {"nll": jnp.sum(nll * mask), "tokens": jnp.sum(mask),
-          "byte_nll": jnp.sum(nll * byte), "bytes": jnp.sum(byte)}
+          "byte_nll": jnp.sum(nll * text), "bytes": jnp.sum(mask * target_bytes)}
 
 
 def summarize_eval(sums: dict) -> dict:
-  """loss (nats/token) and bits-per-byte (byte targets' nll in bits / bytes)."""
+  """loss (nats/token) and bits-per-byte (text targets' nll in bits / their bytes)."""
   return {"loss": sums["nll"] / max(sums["tokens"], 1),
           "bpb": sums["byte_nll"] / LN2 / max(sums["bytes"], 1),
           "eval_tokens": int(sums["tokens"])}
@@ -213,12 +220,15 @@ class Trainer:
       dicts, its iterator checkpointable) and ``eval_batches(batch_size,
       max_rows)`` (e.g. ``gemkit.finetune.TaskData``).
     meta: extra checkpoint metadata (JSON); must be equal to resume.
+    tokenizer: encodes the corpus and counts the bytes of bits-per-byte
+      (``gemkit.tokenizer``; default the byte tokenizer).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                writer: metrics_lib.MetricWriter | None = None,
                model_fn: Callable[[], nnx.Module] | None = None,
-               trainable: Any = nnx.Param, data: Any = None, meta: dict | None = None):
+               trainable: Any = nnx.Param, data: Any = None, meta: dict | None = None,
+               tokenizer: tokenizer_lib.Tokenizer | None = None):
     validate(config)
     sharding_lib.initialize_distributed()   # a no-op unless this is one of several processes
     if config.model.get("init_from") and model_fn is None:
@@ -233,7 +243,9 @@ class Trainer:
     sharding_lib.check_batch(self.mesh, config.train.batch_size, config.data.seq_len)
     self._model_fn, self.trainable, self._task = model_fn, trainable, data
     self.extra_meta = dict(meta or {})
-    self.corpus = data_lib.Corpus.from_config(config.data) if data is None else data
+    self.tokenizer = tokenizer_lib.resolve(tokenizer)
+    self.corpus = (data_lib.Corpus.from_config(config.data, self.tokenizer) if data is None
+                   else data)
     self.tx, self.schedule = optim.make_optimizer(config.train)
     init = self._build_state()
     if data is None:
@@ -347,7 +359,7 @@ class Trainer:
     self._train_step = train_step_fn
     self._eval_step = jax.jit(functools.partial(eval_step, graphdef=self.graphdef),
                               in_shardings=(self.state_sharding.params,
-                                            self.state_sharding.frozen, batch_sh),
+                                            self.state_sharding.frozen, batch_sh, replicated),
                               out_shardings=replicated)
     self.batch_sharding = batch_sh
 
@@ -417,7 +429,8 @@ class Trainer:
     with sharding_lib.activate(self.mesh):
       for batch in batches:
         sums = jax.device_get(self._eval_step(self.state.params, self.state.frozen,
-                                              self._device_batch(batch)))
+                                              self._device_batch(batch),
+                                              self.tokenizer.token_bytes()))
         totals = {k: totals[k] + float(sums[k]) for k in totals}
     return summarize_eval(totals)
 

@@ -221,6 +221,7 @@ def test_launcher_writes_report_table_and_plots(run_dir, tmp_path):
   s = report["settings"]
   assert s["step"] == 0 and s["corpus_fingerprint"] == s["checkpoint_corpus_fingerprint"]
   assert s["git_commit"] and s["eval_config"]["parity"]["lengths"] == [4, 9]
+  assert s["tokenizer"].startswith("bytes: vocab 259")     # a run that records no tokenizer
   assert [r["task"] for r in report["results"]] == [
       "heldout_bpb", "heldout_bpb_sliding", "parity", "parity", "stdlib_idioms"]
   disjoint, sliding = report["results"][:2]
