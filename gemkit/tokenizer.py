@@ -71,9 +71,9 @@ class Tokenizer(abc.ABC):
 
   def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
     """int32 ids of ``text``, BOS first if asked (and there is one), EOS last if asked."""
-    return self.with_specials(self.encode_batch([text])[0], bos=bos, eos=eos)
+    return self._with_specials(self.encode_batch([text])[0], bos=bos, eos=eos)
 
-  def with_specials(self, ids: np.ndarray, *, bos: bool = False, eos: bool = False) -> np.ndarray:
+  def _with_specials(self, ids: np.ndarray, *, bos: bool = False, eos: bool = False) -> np.ndarray:
     head = [self.bos_id] if bos and self.bos_id is not None else []
     tail = [self.eos_id] if eos else []
     return np.concatenate([np.asarray(head, np.int32), np.asarray(ids, np.int32),
