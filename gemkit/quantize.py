@@ -35,6 +35,7 @@ recorded in its checkpoint metadata.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -47,12 +48,14 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from gemkit import checkpoint as ckpt_lib
 from gemkit import data as data_lib
 from gemkit import metrics
+from gemkit import tokenizer as tokenizer_lib
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
 from models import layers
@@ -277,21 +280,25 @@ def _eval_fn(graphdef):
 
 
 def heldout_bpb(model: nnx.Module, config, *, max_windows: int | None = None,
-                batch_size: int | None = None, corpus: data_lib.Corpus | None = None) -> dict:
+                batch_size: int | None = None, corpus: data_lib.Corpus | None = None,
+                tokenizer: tokenizer_lib.Tokenizer | None = None) -> dict:
   """Held-out loss and bits-per-byte of ``model`` as ``Trainer.evaluate`` computes them.
 
   Disjoint windows of ``config.data.seq_len`` over the run's held-out
   documents, the first ``max_windows`` (default ``config.data.eval_windows``),
   so the float model scores what its training log reports. ``corpus``: the
-  run's (default: built from ``config.data``).
+  run's (default: built from ``config.data`` with ``tokenizer``, whose
+  ``token_bytes`` count the bytes; default the byte tokenizer).
   """
   graphdef, params, frozen = train_lib.split_model(model)
-  corpus = corpus or data_lib.Corpus.from_config(config.data)
+  tokenizer = tokenizer_lib.resolve(tokenizer)
+  corpus = corpus or data_lib.Corpus.from_config(config.data, tokenizer)
+  token_bytes = jnp.asarray(tokenizer.token_bytes())
   totals = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
   for batch in data_lib.eval_batches(corpus.heldout, config.data.seq_len,
                                      batch_size or config.train.batch_size,
                                      max_windows or config.data.eval_windows):
-    sums = jax.device_get(_eval_fn(graphdef)(params, frozen, batch))
+    sums = jax.device_get(_eval_fn(graphdef)(params, frozen, batch, token_bytes))
     totals = {k: totals[k] + float(sums[k]) for k in totals}
   return train_lib.summarize_eval(totals)
 
@@ -327,8 +334,15 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
                  out_dir: str | pathlib.Path | None = None, step: int | None = None,
                  keep_float: str = r"(.*/)?head", eval_windows: int | None = None,
                  batch_size: int | None = None, impl: str = "auto", save: bool = True,
-                 overwrite: bool = False, log=print) -> dict:
+                 overwrite: bool = False, run_config: ml_collections.ConfigDict | None = None,
+                 log=print) -> dict:
   """Quantizes a run's checkpoint to each of ``formats`` and measures held-out bpb.
+
+  ``workdir`` may instead be a Hugging Face model directory, with
+  ``run_config`` an experiment config whose ``model.init_from`` names it:
+  the imported model is quantized and evaluated on ``run_config.data``'s
+  held-out split, encoded with the directory's tokenizer, which every
+  quantized run directory records.
 
   A format is a spec string, which every Dense layer not matching
   ``keep_float`` takes, or a ``(label, rules)`` pair (mixed precision). With
@@ -352,10 +366,7 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
       except ValueError as e:
         raise ConfigError("formats", str(e)) from None
   labels = list(rules)
-  model, config = runs.load(workdir, step)
-  if config is None:
-    raise ConfigError("workdir", f"{workdir}: the checkpoint records no config to evaluate with")
-  source_step, meta = _source_meta(workdir, step)
+  model, config, source_step, meta, tokenizer = _source(workdir, step, run_config)
   if meta.get("quantization"):
     raise ConfigError("workdir", f"{workdir} is already quantized "
                       f"({meta['quantization']['format']}); quantize a float run")
@@ -374,14 +385,15 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
       shutil.rmtree(t / "checkpoints", ignore_errors=True)
 
   windows = eval_windows or config.data.eval_windows
-  corpus = data_lib.Corpus.from_config(config.data)
+  corpus = data_lib.Corpus.from_config(config.data, tokenizer)
   kernels = [d.kernel[...] for _, d in dense_layers(model)]
   n_dense, dense_elems = len(kernels), sum(k.size for k in kernels)
   rows, per_layer = [], {}
 
   def measure(label, qmodel, dense_bytes, n_quant, err, extra_meta):
     t0 = time.perf_counter()
-    ev = heldout_bpb(qmodel, config, max_windows=windows, batch_size=batch_size, corpus=corpus)
+    ev = heldout_bpb(qmodel, config, max_windows=windows, batch_size=batch_size, corpus=corpus,
+                     tokenizer=tokenizer)
     row = {"format": label, "quantized_layers": f"{n_quant}/{n_dense}",
            "dense_bytes": dense_bytes, "dense_vs_bf16": dense_bytes / (2 * dense_elems),
            "weight_rel_err": err, "heldout_loss": ev["loss"], "heldout_bpb": ev["bpb"],
@@ -389,6 +401,8 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
     if save:
       row["disk_bytes"] = save_model(qmodel, out_dir / label, source_step,
                                      {**meta, **extra_meta})
+      if not isinstance(tokenizer, tokenizer_lib.ByteTokenizer):
+        tokenizer_lib.save_for_run(tokenizer, out_dir / label)
       row["run_dir"] = str(out_dir / label)
     base = rows[0]["heldout_bpb"] if rows else ev["bpb"]
     row["bpb_rel_change"] = ev["bpb"] / base - 1.0
@@ -413,13 +427,28 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
           "keep_float": keep_float, "impl": impl, "rows": rows, "layers": per_layer}
 
 
-def _source_meta(workdir: pathlib.Path, step: int | None) -> tuple[int, dict]:
+def _source(workdir: pathlib.Path, step: int | None, run_config):
+  """(model, config, step, checkpoint metadata, tokenizer) of what ``quantize_run`` reads:
+  a run's checkpoint, or the Hugging Face directory of ``run_config.model.init_from``."""
+  from gemkit import hf, runs  # pylint: disable=g-import-not-at-top
+  if run_config is not None and run_config.model.get("init_from"):
+    path = run_config.model.init_from
+    config = copy.deepcopy(run_config)
+    with config.unlocked():
+      config.model = hf.resolve_model_config(run_config.model)
+    meta = {"model": config.model.to_dict(), "config": config.to_json_best_effort()}
+    return (hf.load_weights(config.model, path), config, 0, meta,
+            tokenizer_lib.HFTokenizer.from_dir(path))
+  model, config = runs.load(workdir, step)
+  if config is None:
+    raise ConfigError("workdir", f"{workdir}: the checkpoint records no config to evaluate with")
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   try:
     step = checkpointer.latest_step() if step is None else step
-    return step, checkpointer.meta(step)
+    meta = checkpointer.meta(step)
   finally:
     checkpointer.close()
+  return model, config, step, meta, runs.load_tokenizer(workdir)
 
 
 _COLUMNS = (("format", "{:<16}", 16), ("quantized_layers", "{:>7}", 7),

@@ -39,7 +39,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
     evals = [r for r in logged if r["split"] == "eval" and r["step"] == trainer.step]
     final = evals[-1] if evals else trainer.evaluate()
     model = trainer.model()
-    text = sample_lib.generate(model, [config.train.sample_prompt],
+    text = sample_lib.generate(model, [config.train.sample_prompt], tokenizer=trainer.tokenizer,
                                max_new_tokens=config.train.sample_tokens, temperature=0.0)[0]
   finally:
     trainer.close()

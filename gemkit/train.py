@@ -221,7 +221,10 @@ class Trainer:
       max_rows)`` (e.g. ``gemkit.finetune.TaskData``).
     meta: extra checkpoint metadata (JSON); must be equal to resume.
     tokenizer: encodes the corpus and counts the bytes of bits-per-byte
-      (``gemkit.tokenizer``; default the byte tokenizer).
+      (``gemkit.tokenizer``; default the byte tokenizer, or with
+      ``model.init_from`` that directory's). Any other than the byte
+      tokenizer is recorded in ``<workdir>/tokenizer/`` for ``gemkit.load``
+      and the launchers.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -233,6 +236,7 @@ class Trainer:
     sharding_lib.initialize_distributed()   # a no-op unless this is one of several processes
     if config.model.get("init_from") and model_fn is None:
       model_fn = self._import_model(config)
+      tokenizer = tokenizer or tokenizer_lib.HFTokenizer.from_dir(config.model.init_from)
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -244,6 +248,8 @@ class Trainer:
     self._model_fn, self.trainable, self._task = model_fn, trainable, data
     self.extra_meta = dict(meta or {})
     self.tokenizer = tokenizer_lib.resolve(tokenizer)
+    if not isinstance(self.tokenizer, tokenizer_lib.ByteTokenizer) and jax.process_index() == 0:
+      tokenizer_lib.save_for_run(self.tokenizer, self.workdir)   # gemkit.load / launchers
     self.corpus = (data_lib.Corpus.from_config(config.data, self.tokenizer) if data is None
                    else data)
     self.tx, self.schedule = optim.make_optimizer(config.train)

@@ -2,6 +2,9 @@
 
   python -m launch.quantize --workdir=runs/lm_tiny \\
       --formats=int8,int4-g128,nf4-g128,w8a8,w8a8-llm.int8
+  # a Hugging Face model, evaluated on --config's data (encoded with its tokenizer):
+  python -m launch.quantize --config.model.init_from=/models/Qwen2.5-0.5B \\
+      --formats=int8,nf4-g64 --out_dir=runs/qwen_quant --eval_windows=32
 
 Each format quantizes every Dense layer except those matching --keep_float
 and is saved as a run directory <out_dir>/<format> (default out_dir:
@@ -17,7 +20,9 @@ from gemkit import config as config_lib
 from gemkit import metrics
 from gemkit import quantize
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/lm_tiny", "Trained run directory to quantize.")
+_CONFIG = config_lib.define_config_flag()
+_WORKDIR = flags.DEFINE_string("workdir", "runs/lm_tiny", "Trained run directory to quantize "
+                               "(unless --config.model.init_from names a HF directory).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _FORMATS = flags.DEFINE_list(
     "formats", "int8,int4-g128,int4-g128-asym,nf4-g128,int4-g64,nf4,nf4-dq,fp4,fp8,"
@@ -38,8 +43,11 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output chec
 
 
 def _run():
+  init_from = _CONFIG.value.model.get("init_from")
+  out_dir = _OUT_DIR.value or (f"runs/{_CONFIG.value.name}_hf_quant" if init_from else None)
   result = quantize.quantize_run(
-      _WORKDIR.value, _FORMATS.value, out_dir=_OUT_DIR.value, step=_STEP.value,
+      init_from or _WORKDIR.value, _FORMATS.value, out_dir=out_dir, step=_STEP.value,
+      run_config=_CONFIG.value if init_from else None,
       keep_float=_KEEP_FLOAT.value, eval_windows=_EVAL_WINDOWS.value,
       batch_size=_BATCH.value, impl=_IMPL.value, save=_SAVE.value,
       overwrite=_OVERWRITE.value,

@@ -331,7 +331,6 @@ class Attention(nnx.Module):
     norm = lambda: layers.RMSNorm(hd, eps=cfg.norm_eps, offset=cfg.norm_offset, names=(None,),
                                   **kw)
     self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
-    self.inv_freq = cfg.inv_freq()
     self.scale = cfg.attn_scale or cfg.head_dim ** -0.5
     self.softcap = cfg.attn_softcap or None
     # NSA's gate of the compressed branch, g = sigmoid(x W + b) per head (0.5 at init).
@@ -351,8 +350,9 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = layers.apply_rope(q, positions, inv_freq=self.inv_freq)
-    k = layers.apply_rope(k, positions, inv_freq=self.inv_freq)
+    inv_freq = cfg.inv_freq()     # numpy, at trace time: not a model variable
+    q = layers.apply_rope(q, positions, inv_freq=inv_freq)
+    k = layers.apply_rope(k, positions, inv_freq=inv_freq)
     return (layers.constrain(q, ("batch", "seq", "heads", None)),
             layers.constrain(k, ("batch", "seq", "kv_heads", None)), v)
 
