@@ -12,6 +12,7 @@ import ml_collections
 
 from gemkit import sample as sample_lib
 from gemkit import train as train_lib
+from gemkit.config import ConfigError
 from gemkit.metrics import format_duration
 
 
@@ -81,7 +82,6 @@ def checkpoint_meta(path: str | pathlib.Path, step: int | None = None
   latest. A ConfigError (key ``workdir``) when there is no such checkpoint.
   """
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from gemkit.config import ConfigError  # pylint: disable=g-import-not-at-top
 
   workdir, at = resolve_checkpoint(path)
   step = at if step is None else step
@@ -154,12 +154,17 @@ def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
       model, _ = quantize.quantize_model(model, quantization["rules"])
     return model
 
-  graphdef, _, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+  graphdef, _, frozen = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
   try:
     saved = checkpointer.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   finally:
     checkpointer.close()
-  model = train_lib.merge_model(graphdef, saved["params"], saved["frozen"])
+  if saved.get("frozen") is None and jax.tree.leaves(frozen):
+    raise ConfigError("workdir", f"{workdir} holds only the trained parameters of a model "
+                      "whose frozen part its launcher rebuilds")
+  # A run started from weights (model.init_from) saves no frozen part: it has none.
+  model = train_lib.merge_model(graphdef, saved["params"],
+                                frozen if saved.get("frozen") is None else saved["frozen"])
   return model, config

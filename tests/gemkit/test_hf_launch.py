@@ -95,7 +95,6 @@ def test_generate_and_evaluate_on_the_directory(llama, tmp_path):
   assert rows[0]["n"] == 2 and 0.0 <= rows[0]["metrics"]["acc"] <= 1.0
 
 
-@pytest.mark.slow
 def test_qlora_finetune_and_quantize_from_the_directory(llama, tmp_path):
   d, _, corpus = llama
   ft = {"model.init_from": str(d), "methods": "qlora", "seeds": 1, "task.digits": 2,
