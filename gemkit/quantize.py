@@ -353,8 +353,6 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
   bf16, checkpoint bytes on disk, held-out loss and bpb, relative change of
   bpb vs float) plus the per-layer reports. ConfigError names a bad format.
   """
-  from gemkit import runs  # pylint: disable=g-import-not-at-top
-
   workdir = pathlib.Path(workdir)
   out_dir = pathlib.Path(out_dir) if out_dir else workdir.with_name(workdir.name + "_quant")
   rules = {}

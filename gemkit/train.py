@@ -32,7 +32,6 @@ status 0; running the same command again resumes from it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os

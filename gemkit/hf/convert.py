@@ -26,6 +26,7 @@ from flax import nnx
 
 import models
 from gemkit import sharding as sharding_lib
+from gemkit import tokenizer as tokenizer_lib
 from gemkit.hf import architectures
 from gemkit.hf.checkpoint import (HFError, TensorReader, model_dir, read_config,
                                   write_json, write_tensors)
@@ -217,7 +218,6 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None,
   tensor, pickle-only directory, missing tokenizer) is one line naming the
   file, tensor or key, raised before anything compiles.
   """
-  from gemkit import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   model_cfg = model_config(path, dtype=dtype)
   tokenizer = tokenizer_lib.HFTokenizer.from_dir(path)
   model = load_weights(model_cfg, path, mesh=mesh)
@@ -244,7 +244,7 @@ def _float_model(model: nnx.Module) -> nnx.Module:
 
 
 def save(model: nnx.Module, config: Any, out_dir: str | pathlib.Path,
-         tokenizer: "gemkit.tokenizer.Tokenizer | None" = None, *,
+         tokenizer: tokenizer_lib.Tokenizer | None = None, *,
          max_shard_size: int = 5 * 2**30) -> pathlib.Path:
   """Writes a directory that ``transformers.AutoModelForCausalLM`` loads.
 

@@ -26,8 +26,6 @@ places it the same way) and is still split along ``fsdp``
 """
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -38,8 +36,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from gemkit.hf import convert  # pylint: disable=wrong-import-position
-from tests.gemkit.test_scaleout import (REPO, TIMEOUT, _env, _free_port,  # pylint: disable=wrong-import-position
-                                        _last_json)
+from tests.gemkit.test_scaleout import run_pair  # pylint: disable=wrong-import-position
 
 VOCAB, ODD_VOCAB = 302, 301
 LOCAL_DEVICES = 2                 # fake CPU devices per process
@@ -177,24 +174,9 @@ def run(tmp_path_factory):
   np.save(root / "ids.npy", ids)
   with torch.no_grad():
     hf_logits = {k: m(torch.tensor(ids)).logits.float().numpy() for k, m in refs.items()}
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(pid), str(port), str(root),
-                             json.dumps(CASES), json.dumps(MESHES)],
-                            cwd=REPO, env=_env(LOCAL_DEVICES), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for pid in (0, 1)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=TIMEOUT))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-4000:]
-  return root, hf_logits, [_last_json(out) for out, _ in outputs]
+  results = run_pair(SCRIPT, [str(root), json.dumps(CASES), json.dumps(MESHES)],
+                     devices=LOCAL_DEVICES)
+  return root, hf_logits, results
 
 
 def _single_process(directory):

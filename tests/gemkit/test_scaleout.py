@@ -148,10 +148,16 @@ def two_processes(setup):
   """Runs MULTI_SCRIPT as processes 0 and 1; returns (workdir, [result0, result1])."""
   workdir = setup.root / "multi"
   workdir.mkdir()
-  port = _free_port()
   overrides = json.dumps({**setup.overrides, **MULTI_MESH})
-  procs = [subprocess.Popen([sys.executable, "-c", MULTI_SCRIPT, str(pid), str(port),
-                             str(workdir), overrides], cwd=REPO, env=_env(4), text=True,
+  return workdir, run_pair(MULTI_SCRIPT, [str(workdir), overrides], devices=4)
+
+
+def run_pair(script: str, args: list[str], devices: int) -> list[dict]:
+  """Runs ``script`` as processes 0 and 1 (argv: pid, port, *args) with ``devices``
+  fake CPU devices each; returns the last JSON line each printed."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(pid), str(port), *args],
+                            cwd=REPO, env=_env(devices), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
            for pid in (0, 1)]
   outputs = []
@@ -163,9 +169,9 @@ def two_processes(setup):
       if p.poll() is None:
         p.kill()
         p.wait()
-  for p, (out, err) in zip(procs, outputs):
+  for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
-  return workdir, [_last_json(out) for out, _ in outputs]
+  return [_last_json(out) for out, _ in outputs]
 
 
 def test_two_processes_match_one_process(setup, two_processes):
