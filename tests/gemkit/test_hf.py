@@ -81,7 +81,7 @@ def test_bf16_checkpoint(tmp_path):
   assert _rel(model32(jnp.asarray(ids)), ref_bf16) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "gemma2", "qwen2"])
+@pytest.mark.parametrize("name", list(ARCHS))
 def test_greedy_decoding_matches_generate(checkpoints, name):
   d, ref_model = checkpoints[name]
   model, _, _ = hf.load(d, dtype="float32")
