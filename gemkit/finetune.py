@@ -339,10 +339,18 @@ def _step_seconds(workdir: pathlib.Path, tokens_per_step: int) -> float | None:
 
 
 def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: TaskData,
-               workdir: pathlib.Path, log: Callable[[str], None] = print) -> dict:
-  """Fine-tunes one method in ``workdir`` (resuming if it holds a checkpoint); its table row."""
+               workdir: pathlib.Path, log: Callable[[str], None] = print,
+               export_peft: str | pathlib.Path | None = None) -> dict:
+  """Fine-tunes one method in ``workdir`` (resuming if it holds a checkpoint); its table row.
+
+  ``export_peft``: also write an adapter method's adapter there as a PEFT LoRA
+  directory (``gemkit.hf.save_adapter``; checked before training)."""
+  from gemkit import hf  # pylint: disable=g-import-not-at-top
   settings = method_settings(cfg, method)
   model, trainable = build_model(base.model, base.fingerprint, settings)
+  hf_base = base.workdir if hf.is_model_dir(base.workdir) else None
+  if export_peft is not None and method != "full":
+    hf.peft.check_exportable(model, name=settings["adapter"], base_name_or_path=hf_base)
   tcfg = trainer_config(cfg, method, base)
   meta = {"finetune": {**settings, "base": base.info(), "task": task.identity,
                        "task_fingerprint": task.fingerprint}}
@@ -378,6 +386,9 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
       row["adapter_dir"] = str(lora.save_adapter(
           tuned, pathlib.Path(workdir) / "adapter", name=settings["adapter"], step=trainer.step,
           base_info={**base.info(), "quantization": settings["quantization"]}).parent)
+      if export_peft is not None:
+        row["peft_dir"] = str(hf.save_adapter(tuned, export_peft, name=settings["adapter"],
+                                              base_name_or_path=hf_base))
   finally:
     trainer.close()
   log(format_row(row))
@@ -385,23 +396,27 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
 
 
 def run_seeds(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *,
-              overwrite: bool = False, log: Callable[[str], None] = print) -> dict:
+              overwrite: bool = False, log: Callable[[str], None] = print,
+              export_peft: str | pathlib.Path | None = None) -> dict:
   """:func:`run` for seeds ``cfg.seed .. cfg.seed + cfg.seeds - 1`` (each in
-  ``<workdir>/seed<s>``: its own adapter init, data order and arithmetic draw),
-  summarised by :func:`summarize`; with ``cfg.seeds == 1`` just :func:`run`.
+  ``<workdir>/seed<s>``: its own adapter init, data order and arithmetic draw,
+  and ``<export_peft>/seed<s>`` for the PEFT adapters), summarised by
+  :func:`summarize`; with ``cfg.seeds == 1`` just :func:`run`.
 
   Small models learn the arithmetic task in plateaus, and when one run leaves
   a plateau is a matter of seed: one seed can put any method tens of points
   above or below another, so the comparison is over seeds."""
   workdir = pathlib.Path(workdir or pathlib.Path("runs") / cfg.name)
   if cfg.seeds == 1:
-    return run(cfg, workdir, overwrite=overwrite, log=log)
+    return run(cfg, workdir, overwrite=overwrite, log=log, export_peft=export_peft)
   reports = []
   for seed in range(cfg.seed, cfg.seed + cfg.seeds):
     c = cfg.copy_and_resolve_references()
     c.seed, c.seeds = seed, 1
     log(f"# seed {seed}")
-    reports.append(run(c, workdir / f"seed{seed}", overwrite=overwrite, log=log))
+    peft_dir = None if export_peft is None else pathlib.Path(export_peft) / f"seed{seed}"
+    reports.append(run(c, workdir / f"seed{seed}", overwrite=overwrite, log=log,
+                       export_peft=peft_dir))
   return summarize(reports)
 
 
@@ -425,7 +440,8 @@ def summarize(reports: Sequence[dict]) -> dict:
   rows = []
   for i, method in enumerate(methods):
     per = [rep["rows"][i] for rep in reports]
-    row = {k: v for k, v in per[0].items() if k not in ("samples", "workdir", "adapter_dir")}
+    row = {k: v for k, v in per[0].items()
+           if k not in ("samples", "workdir", "adapter_dir", "peft_dir")}
     for key in _PER_SEED:
       vals = [r.get(key) for r in per]
       if any(v is None for v in vals):
@@ -442,8 +458,12 @@ def summarize(reports: Sequence[dict]) -> dict:
 
 def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *,
         methods: Sequence[str] | None = None, overwrite: bool = False,
-        log: Callable[[str], None] = print) -> dict:
-  """Fine-tunes the base with each method on the task; returns the report (table rows)."""
+        log: Callable[[str], None] = print,
+        export_peft: str | pathlib.Path | None = None) -> dict:
+  """Fine-tunes the base with each method on the task; returns the report (table rows).
+
+  ``export_peft``: each adapter method's adapter is also written as a PEFT LoRA
+  directory ``<export_peft>/<method>`` (``gemkit.hf.save_adapter``)."""
   validate_config(cfg)
   methods = list(methods or [m.strip() for m in cfg.methods.split(",") if m.strip()])
   for m in methods:
@@ -467,7 +487,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = Non
     target = workdir / method
     if overwrite and target.exists():
       shutil.rmtree(target)
-    rows.append(run_method(cfg, method, base, task, target, log))
+    rows.append(run_method(cfg, method, base, task, target, log,
+                           None if export_peft is None else pathlib.Path(export_peft) / method))
   _relative_to_full(base_row, rows)
   return {"config": cfg.to_dict(), "base": base.info() | {"params": base.num_params},
           "task": task.summary(), "machine": quantize.machine(), "workdir": str(workdir),

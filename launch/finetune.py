@@ -11,6 +11,9 @@ Each method trains in <workdir>/<method> (re-running resumes; --overwrite
 restarts), adapters are also saved alone in <workdir>/<method>/adapter; with
 --config.seeds=N > 1, in <workdir>/seed<s>/<method> for N seeds, and the table
 gives each figure's mean, standard deviation and per-seed values.
+--export_peft=DIR also writes each adapter method's adapter as a PEFT LoRA
+directory, DIR/<method> (DIR/seed<s>/<method> with several seeds), which
+peft.PeftModel.from_pretrained loads onto the Hugging Face base.
 Prints one table row per method (exact match, held-out completion loss,
 trainable parameters, optimizer-state and frozen bytes, XLA step peak memory,
 step time) and writes the report as JSON (and Markdown next to it).
@@ -28,13 +31,17 @@ _CONFIG = config_lib.define_config_flag("experiments/finetune_arithmetic.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config.name>).")
 _JSON = flags.DEFINE_string("json", None, "Report path (default: <workdir>/finetune.json).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Restart methods whose run directories exist.")
+_EXPORT_PEFT = flags.DEFINE_string(
+    "export_peft", None, "Also write each adapter method's adapter as a PEFT LoRA directory "
+    "<export_peft>/<method> (<export_peft>/seed<s>/<method> with several seeds).")
 
 
 def _run():
   cfg = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
   report = finetune.run_seeds(cfg, workdir, overwrite=_OVERWRITE.value,
-                              log=lambda line: print(line, flush=True))
+                              log=lambda line: print(line, flush=True),
+                              export_peft=_EXPORT_PEFT.value or None)
   path = metrics.write_json(report, _JSON.value or workdir / "finetune.json")
   table = finetune.markdown_table(report)
   path.with_suffix(".md").write_text(table + "\n")
@@ -42,6 +49,8 @@ def _run():
   for name, t in report["targets"].items():
     value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
     print(f"{name}: {value} {'met' if t['met'] else 'NOT met'}")
+  if _EXPORT_PEFT.value:
+    print(f"PEFT adapters: {_EXPORT_PEFT.value}")
   print(f"{report['machine']}; JSON: {path}")
 
 

@@ -12,6 +12,7 @@ from gemkit.hf.architectures import ARCHITECTURES
 from gemkit.hf.checkpoint import HFError, is_model_dir
 from gemkit.hf.convert import (load, load_weights, model_config, resolve_model_config,
                                 save)
+from gemkit.hf.peft import load_adapter, save_adapter
 
 __all__ = ["ARCHITECTURES", "HFError", "is_model_dir", "load", "load_weights",
-           "model_config", "resolve_model_config", "save"]
+           "model_config", "resolve_model_config", "save", "save_adapter", "load_adapter"]
