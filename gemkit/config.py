@@ -220,13 +220,27 @@ def _validate_mesh(config: ml_collections.ConfigDict) -> None:
              f"data.seq_len={config.data.seq_len}")
 
 
+_config_default = [DEFAULT_CONFIG]   # the --config default of this process's launcher
+
+
 def define_config_flag(default: str = DEFAULT_CONFIG):
   """``--config`` (a config file) with ``--config.a.b=value`` overrides.
 
-  ml_collections applies the overrides while the flag is defined and raises
-  a bare AttributeError for an unknown key; that becomes one line naming it.
+  ml_collections applies the overrides while the flag is defined (with the
+  file named anywhere on the command line, moved first) and raises a bare
+  AttributeError for an unknown key; that, and a missing file, become one
+  line naming the key or the file (the same when the flags are parsed
+  again by :func:`flags_parser`).
   """
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _config_default[0] = default
+  sys.argv[:] = _config_file_first(sys.argv)   # read while the flag is defined
+  named = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")]
+  try:
+    if named:
+      resolve_config_path(named[0])
+  except ConfigError as e:
+    _exit(str(e))
   try:
     return config_flags.DEFINE_config_file("config", default, "Experiment config file.",
                                            lock_config=True)
@@ -264,7 +278,7 @@ def flags_parser(argv: Sequence[str],
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
   try:
-    rest = flags.FLAGS(argv)
+    rest = flags.FLAGS(_config_file_first(argv))
     if "config" in flags.FLAGS:
       config = flags.FLAGS.config
       if not isinstance(config, ml_collections.ConfigDict):
@@ -277,7 +291,22 @@ def flags_parser(argv: Sequence[str],
     _exit(str(e))
   except ConfigError as e:
     _exit(str(e))
+  except (AttributeError, KeyError):   # ml_collections applying an unknown override
+    _exit(str(_unknown_override(argv, _config_default[0])))
   return []
+
+
+def _config_file_first(argv: Sequence[str]) -> list[str]:
+  """``argv`` with ``--config=FILE`` (or ``--config FILE``) moved before the
+  ``--config.a.b=...`` overrides: absl applies overrides only after the file,
+  and refuses them in front of it."""
+  argv = list(argv)
+  for i, arg in enumerate(argv[1:], 1):
+    if arg.startswith("--config="):
+      return [argv[0], arg] + argv[1:i] + argv[i + 1:]
+    if arg == "--config" and i + 1 < len(argv):
+      return [argv[0], arg, argv[i + 1]] + argv[1:i] + argv[i + 2:]
+  return argv
 
 
 def _exit(message: str) -> None:

@@ -49,6 +49,25 @@ def test_config_errors_exit_with_one_line_naming_the_key(tmp_path, override, mes
   assert len(lines) == 1 and message in lines[0], out.stderr[-2000:]
 
 
+LAUNCHER_CONFIGS = {"train": "experiments/lm_tiny.py", "quantize": "experiments/lm_tiny.py",
+                    "finetune": "experiments/finetune_arithmetic.py",
+                    "evaluate": "experiments/eval_default.py",
+                    "state_tracking": "experiments/state_tracking.py"}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHER_CONFIGS))
+def test_unknown_key_with_an_explicit_config_file_is_one_line_in_either_order(
+    tmp_path, launcher):
+  config = f"--config={LAUNCHER_CONFIGS[launcher]}"
+  for args in ([config, "--config.seed.no_such_key=1"], ["--config.no_such_key=1", config],
+               ["--config.seed=1", "--config=experiments/nope.py"]):
+    out = _run([sys.executable, "-m", f"launch.{launcher}", f"--workdir={tmp_path}", *args])
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert out.returncode == 2 and len(lines) == 1, (args, out.stderr[-2000:])
+    key = "config" if "nope" in args[1] else args[1 - args.index(config)].split("=")[0][9:]
+    assert lines[0].startswith(f"config error: {key}: "), (args, lines)
+
+
 def test_data_errors_exit_with_one_line(tmp_path):
   empty = tmp_path / "empty.txt"
   empty.write_text("")
