@@ -25,6 +25,20 @@ PEAK_FLOPS = {
 }
 
 
+def peak_flops() -> float | None:
+  """Peak FLOP/s of all devices (``PEAK_FLOPS`` x device count), None when the
+  device kind has no known peak (CPUs among them)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
+  return None if peak is None else peak * jax.device_count()
+
+
+def format_flops(flops_per_sec: float, mfu: float | None) -> str:
+  """``1.2 TFLOP/s MFU 41.0%``, or ``MFU n/a`` where no peak is known."""
+  rate = f"{flops_per_sec / 1e12:.3g} TFLOP/s"
+  return f"{rate} MFU {mfu:.1%}" if mfu is not None else f"{rate} (MFU n/a: no peak known)"
+
+
 def table_row(row: dict, columns: Sequence[tuple[str, str, int]],
               heads: Sequence[str] | None = None) -> str:
   """One fixed-width console line of ``row``: per ``(key, format, width)`` of

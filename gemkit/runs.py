@@ -13,7 +13,7 @@ import ml_collections
 from gemkit import sample as sample_lib
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
-from gemkit.metrics import format_duration
+from gemkit.metrics import format_duration, format_flops
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -53,12 +53,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
       # The first window includes compilation; the median of the rest is the steady rate.
       "tokens_per_sec": (statistics.median(r["tokens_per_sec"] for r in train_logs[1:])
                          if len(train_logs) > 1 else None),
+      "model_flops_per_token": trainer.flops_per_token,
       "sample": text,
   }
+  rate = summary["tokens_per_sec"] or 0.0
+  summary["model_flops_per_sec"] = rate * trainer.flops_per_token
+  summary["mfu"] = (None if trainer.peak_flops is None
+                    else summary["model_flops_per_sec"] / trainer.peak_flops)
   w.print("-" * 72)
   w.print(f"done: step {summary['step']} in {format_duration(elapsed)} | held-out loss "
           f"{final['loss']:.4f} nats/token, {final['bpb']:.4f} bits/byte | "
-          f"{summary['tokens_per_sec'] or 0:,.0f} tokens/s")
+          f"{rate:,.0f} tokens/s, {trainer.flops_per_token / 1e6:,.1f} MFLOP/token, "
+          f"{format_flops(summary['model_flops_per_sec'], summary['mfu'])}")
   w.print(f"greedy sample from {config.train.sample_prompt!r}:\n"
           f"{config.train.sample_prompt}{text}")
   return summary

@@ -54,6 +54,7 @@ from jax.experimental import multihost_utils
 import models
 from gemkit import checkpoint as ckpt_lib
 from gemkit import data as data_lib
+from gemkit import flops as flops_lib
 from gemkit import metrics as metrics_lib
 from gemkit import optim
 from gemkit import sharding as sharding_lib
@@ -327,6 +328,8 @@ class Trainer:
         shapes, self.state_sharding)
     self.num_params = count_params(shapes.params) + count_params(shapes.frozen)
     self.num_trainable = count_params(shapes.params)
+    self.flops_per_token = flops_lib.train_flops_per_token(abstract, cfg.data.seq_len)
+    self.peak_flops = metrics_lib.peak_flops()
     if built is None:
       return lambda: jax.jit(functools.partial(init, cfg.seed),
                              out_shardings=self.state_sharding)(None)
@@ -493,15 +496,18 @@ class Trainer:
           rate = window_steps * tokens_per_step / (now - window_start)
           window_start, window_steps = now, 0
           eta = (end - done) * tokens_per_step / rate
+          flops = rate * self.flops_per_token
           record = {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"],
-                    "lr": metrics["lr"], "tokens_per_sec": rate,
+                    "lr": metrics["lr"], "tokens_per_sec": rate, "model_flops_per_sec": flops,
+                    "mfu": None if self.peak_flops is None else flops / self.peak_flops,
                     "skipped_steps": int(metrics["skipped_total"])}
           self.writer.write(done, "train", record)
           logged.append({"step": done, "split": "train", **record})
           skipped = f"  skipped {record['skipped_steps']}" if record["skipped_steps"] else ""
           self.writer.progress(
               f"step {done}/{end}  loss {metrics['loss']:.4f}  "
-              f"{rate:,.0f} tok/s  elapsed {metrics_lib.format_duration(now - run_start)}"
+              f"{rate:,.0f} tok/s  {metrics_lib.format_flops(flops, record['mfu'])}"
+              f"  elapsed {metrics_lib.format_duration(now - run_start)}"
               f"  ETA {metrics_lib.format_duration(eta)}{skipped}")
         if done % t.eval_every == 0 or done == end:
           ev = self.evaluate()
