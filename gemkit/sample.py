@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemkit import sharding
 from gemkit.tokenizer import EOS, PAD, Tokenizer, resolve
 
 
@@ -69,24 +70,42 @@ def _generate(graphdef, state, prompt, lengths, key, *, max_new_tokens, temperat
 def generate_ids(model: nnx.Module, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int = 0, eos_ids: Sequence[int] = (EOS,),
-                 pad_id: int = PAD) -> np.ndarray:
+                 pad_id: int = PAD, prompt_len: int | None = None,
+                 mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """Continues each prompt (token ids, ragged) by max_new_tokens ids [B, N].
 
   After any of ``eos_ids`` a row emits ``pad_id`` (defaults: the byte tokenizer's).
+  ``prompt_len``: the prompts are right-padded to this many ids (default: the
+  longest), so batches of one ``prompt_len`` share one compilation.
+  ``mesh``: the model's state is on it (``gemkit.sharding.place``) and the
+  prompts are this process's rows of a batch split over the processes
+  (``gemkit.sharding.global_batch``): every process calls with the same number of
+  prompts, ``prompt_len`` and ``max_new_tokens``, and gets its own rows back.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("prompts must be non-empty token sequences")
-  P = max(len(p) for p in prompts)
+  longest = max(len(p) for p in prompts)
+  P = longest if prompt_len is None else prompt_len
+  if P < longest:
+    raise ValueError(f"prompt_len={prompt_len} is shorter than a prompt of {longest} ids")
   prompt = np.full((len(prompts), P), pad_id, np.int32)
   for i, p in enumerate(prompts):
     prompt[i, :len(p)] = p
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(lengths),
-                  jax.random.key(seed), max_new_tokens=max_new_tokens,
-                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                  eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
-  return np.asarray(out)
+  kw = dict(max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+            top_p=float(top_p), eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id))
+  if mesh is None:
+    out = _generate(graphdef, state, jnp.asarray(prompt), jnp.asarray(lengths),
+                    jax.random.key(seed), **kw)
+    return np.asarray(out)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  key = np.asarray(jax.random.key_data(jax.random.key(seed)))
+  with sharding.activate(mesh):
+    out = _generate(graphdef, state, sharding.global_batch(mesh, prompt),
+                    sharding.global_batch(mesh, lengths),
+                    jax.make_array_from_callback(key.shape, replicated, lambda i: key[i]), **kw)
+    return sharding.local_rows(mesh, out)
 
 
 def generate(model: nnx.Module, prompts: Sequence[str], *, max_new_tokens: int = 128,

@@ -200,6 +200,71 @@ def check_batch(mesh: Mesh, batch_size: int, seq_len: int) -> None:
                       "put the cross-process (dcn_*) parallelism on data or fsdp")
 
 
+# --- batches split over processes, model state on a mesh ---------------------------
+
+
+def _rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Dim 0 split over data x fsdp (the batch), the other dims whole."""
+  return logical_sharding(mesh, ("batch",) + (None,) * (ndim - 1))
+
+
+def process_rows(mesh: Mesh, rows: int) -> np.ndarray:
+  """The indices, in order, of the rows of a global [rows, ...] batch (dim 0 split over
+  data x fsdp) that this process's devices hold: the rows :func:`global_batch` fills
+  from this process's data and :func:`local_rows` returns."""
+  mine: set[int] = set()
+  for device, (rows_slice,) in _rows_sharding(mesh, 1).devices_indices_map((rows,)).items():
+    if device.process_index == jax.process_index():
+      mine.update(range(*rows_slice.indices(rows)))
+  return np.asarray(sorted(mine), np.int64)
+
+
+def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
+  """A batch whose rows are split over the processes, as one global array: every process
+  passes its own rows (the same number each, a multiple of its devices on the batch
+  axes); dim 0 is split over data x fsdp. One process: the array on the mesh."""
+  local = np.asarray(local)
+  sh = _rows_sharding(mesh, local.ndim)
+  if jax.process_count() == 1:
+    return jax.device_put(local, sh)
+  shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+  return jax.make_array_from_process_local_data(sh, local, shape)
+
+
+def local_rows(mesh: Mesh, x: jax.Array) -> np.ndarray:
+  """This process's rows of a global batch (the inverse of :func:`global_batch`; every
+  process must call it: with several processes it gathers ``x``)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return full[process_rows(mesh, x.shape[0])]
+
+
+def place(state: nnx.State, mesh: Mesh) -> nnx.State:
+  """``state`` (any variables: float or quantized weights, adapters) on ``mesh`` by
+  their logical names (:func:`param_shardings`), in place; returns it.
+
+  Arrays may be on one device of this process (every process holding the same
+  values) or already global; those already placed as asked are kept.
+  """
+  shardings = nnx.to_pure_dict(param_shardings(state, mesh))
+
+  def put(x, sh):
+    if isinstance(x, jax.Array):
+      if x.sharding.is_equivalent_to(sh, x.ndim):
+        return x
+      if not x.is_fully_addressable:
+        return jax.jit(lambda y: y, out_shardings=sh)(x)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sh)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sh, lambda index: host[index])
+
+  nnx.replace_by_pure_dict(state, jax.tree.map(put, nnx.to_pure_dict(state), shardings))
+  return state
+
+
 # --- multi-process start-up -----------------------------------------------------
 
 
