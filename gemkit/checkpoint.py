@@ -87,7 +87,9 @@ class Checkpointer:
   """Keep-N, optionally asynchronous checkpoints under ``directory``.
 
   Every process of a multi-process run constructs one on the same (shared)
-  directory and calls ``save``/``restore`` at the same steps.
+  directory and calls ``save``/``restore`` at the same steps. A context
+  manager: ``with Checkpointer(d, async_save=False) as ck: ...`` waits for
+  pending saves and closes the manager on exit.
   """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2,
@@ -101,9 +103,19 @@ class Checkpointer:
                        "data": DataIteratorHandler(),
                        "meta": ocp.JsonCheckpointHandler()})
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
   def latest_step(self) -> int | None:
     """The newest complete step (None if there is none)."""
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """Every complete step, oldest first."""
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, data_iter=None, *,
            force: bool = False) -> bool:
@@ -115,13 +127,16 @@ class Checkpointer:
   def meta(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, step: int, target: Any, data_iter=None) -> Any:
+  def restore(self, step: int, target: Any = None, data_iter=None) -> Any:
     """The state of ``step`` laid out as ``target`` (and the iterator, in place).
 
     ``target`` is a pytree of arrays or of ShapeDtypeStructs whose shardings
-    say where each restored array goes (any mesh, any device count).
+    say where each restored array goes (any mesh, any device count). None
+    restores the state as it was saved (nested dicts of arrays, with the
+    string keys orbax writes).
     """
-    items = {"state": ocp.args.StandardRestore(abstract_like(target))}
+    items = {"state": ocp.args.StandardRestore(
+        None if target is None else abstract_like(target))}
     if data_iter is not None:
       items["data"] = DataRestore(data_iter)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]

@@ -260,11 +260,8 @@ class Base:
 
 def _latest_step(workdir) -> int:
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  ck = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False) as ck:
     step = ck.latest_step()
-  finally:
-    ck.close()
   if step is None:
     raise ConfigError("base.workdir", f"no complete checkpoint under {workdir}")
   return step
@@ -539,7 +536,6 @@ def load_run(workdir: str | pathlib.Path, step: int, meta: dict) -> nnx.Module:
   adapters, then restores the trained parameters. PiSSA's residual is
   recomputed from the base (use the adapter checkpoint for its saved factors).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   settings = meta["finetune"]
   info = settings["base"]
@@ -550,12 +546,8 @@ def load_run(workdir: str | pathlib.Path, step: int, meta: dict) -> nnx.Module:
                       f"{base.fingerprint}")
   model, trainable = build_model(base.model, base.fingerprint, settings)
   graphdef, params, frozen = nnx.split(model, trainable, ...)
-  ck = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
-  try:
-    restored = ck.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
-  finally:
-    ck.close()
+  with ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False) as ck:
+    restored = ck.restore(step)
   nnx.replace_by_pure_dict(params, restored["params"])   # orbax keys are strings ("0")
   return nnx.merge(graphdef, params, frozen)
 

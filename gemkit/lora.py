@@ -626,11 +626,8 @@ def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
                      for p in arrays},
           "trainable_params": count(model, name)[0],
           "base": {"fingerprint": fingerprint(model), **dict(base_info or {})}}
-  checkpointer = ckpt_lib.Checkpointer(directory, keep=1, async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(directory, keep=1, async_save=False) as checkpointer:
     checkpointer.save(step, _nest(jax.device_get(arrays)), meta, force=True)
-  finally:
-    checkpointer.close()
   return pathlib.Path(directory) / str(step)
 
 
@@ -639,14 +636,11 @@ def read_adapter_meta(directory: str | pathlib.Path, step: int | None = None) ->
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise ConfigError("adapter", f"no adapter checkpoint at {directory}")
-  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(directory, async_save=False) as checkpointer:
     step = checkpointer.latest_step() if step is None else step
     if step is None:
       raise ConfigError("adapter", f"no complete adapter checkpoint under {directory}")
     meta = checkpointer.meta(step)
-  finally:
-    checkpointer.close()
   if meta.get("format") != FORMAT:
     raise ConfigError("adapter", f"{directory} is not a gemkit adapter checkpoint "
                       f"(format {meta.get('format')!r})")
@@ -683,7 +677,6 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
   ``model`` is the float base, it is quantized the same way first (a new
   model is returned then).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   step, meta = read_adapter_meta(directory, step)
@@ -702,12 +695,8 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
   ws = dict(wrappers(model))
   target = _nest({p: {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in arrs.items()}
                   for p, arrs in adapter_arrays(model, name).items()})
-  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-  finally:
-    checkpointer.close()
+  with ckpt_lib.Checkpointer(directory, async_save=False) as checkpointer:
+    restored = checkpointer.restore(step, target)
   for path, arrs in _unnest(restored, meta["layers"]).items():
     adapter = ws[path].adapters[name]
     for k, v in arrs.items():

@@ -310,12 +310,9 @@ def save_model(model: nnx.Module, workdir: str | pathlib.Path, step: int, meta: 
   Returns the bytes the step directory takes on disk.
   """
   _, params, frozen = train_lib.split_model(model)
-  checkpointer = ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=1,
-                                       async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", keep=1,
+                             async_save=False) as checkpointer:
     checkpointer.save(step, {"params": params, "frozen": frozen}, meta, force=True)
-  finally:
-    checkpointer.close()
   return disk_bytes(pathlib.Path(workdir) / "checkpoints" / str(step))
 
 
@@ -440,12 +437,9 @@ def _source(workdir: pathlib.Path, step: int | None, run_config):
   model, config = runs.load(workdir, step)
   if config is None:
     raise ConfigError("workdir", f"{workdir}: the checkpoint records no config to evaluate with")
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False) as checkpointer:
     step = checkpointer.latest_step() if step is None else step
     meta = checkpointer.meta(step)
-  finally:
-    checkpointer.close()
   return model, config, step, meta, runs.load_tokenizer(workdir)
 
 

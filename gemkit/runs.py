@@ -94,15 +94,12 @@ def checkpoint_meta(path: str | pathlib.Path, step: int | None = None
   directory = workdir / "checkpoints"
   if not directory.is_dir():
     raise ConfigError("workdir", f"no checkpoints under {workdir}")
-  checkpointer = ckpt_lib.Checkpointer(directory, async_save=False)
-  try:
+  with ckpt_lib.Checkpointer(directory, async_save=False) as checkpointer:
     step = checkpointer.latest_step() if step is None else step
-    if step is None or step not in checkpointer.manager.all_steps():
+    if step is None or step not in checkpointer.all_steps():
       at_step = "" if step is None else f" {step}"
       raise ConfigError("workdir", f"no complete checkpoint{at_step} under {directory}")
     return workdir, step, checkpointer.meta(step)
-  finally:
-    checkpointer.close()
 
 
 def load(path: str | pathlib.Path, step: int | None = None):
@@ -140,7 +137,6 @@ def load_tokenizer(path: str | pathlib.Path):
 def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
   """:func:`load` of the checkpoint whose :func:`checkpoint_meta` is already read."""
   import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   import models  # pylint: disable=g-import-not-at-top
@@ -161,12 +157,8 @@ def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
     return model
 
   graphdef, _, frozen = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False)
-  try:
-    saved = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  finally:
-    checkpointer.close()
+  with ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False) as checkpointer:
+    saved = checkpointer.restore(step)
   if saved.get("frozen") is None and jax.tree.leaves(frozen):
     raise ConfigError("workdir", f"{workdir} holds only the trained parameters of a model "
                       "whose frozen part its launcher rebuilds")

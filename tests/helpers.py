@@ -24,6 +24,14 @@ def write_corpus(directory: pathlib.Path, n_docs: int = 40) -> str:
   return ",".join(paths)
 
 
+def latest_params(workdir: pathlib.Path):
+  """(step, params as saved) of the newest checkpoint of the run in ``workdir``."""
+  from gemkit import checkpoint  # pylint: disable=g-import-not-at-top
+  with checkpoint.Checkpointer(workdir / "checkpoints", async_save=False) as ck:
+    step = ck.latest_step()
+    return step, ck.restore(step)["params"]
+
+
 def tiny_config(tmp_path: pathlib.Path | None = None, **overrides):
   """lm_tiny shrunk to seconds; on a small text corpus when tmp_path is given."""
   values = dict(TINY)

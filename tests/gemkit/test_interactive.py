@@ -18,22 +18,10 @@ import pytest
 import gemkit
 from gemkit import config as config_lib
 from gemkit import metrics, quantize, train
-from tests.helpers import TINY, tiny_config, write_corpus
+from tests.helpers import TINY, latest_params, tiny_config, write_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOKENS = jnp.arange(2 * 21).reshape(2, 21) * 7 % 259
-
-
-def _restore_params(workdir):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from gemkit import checkpoint  # pylint: disable=g-import-not-at-top
-  ck = checkpoint.Checkpointer(workdir / "checkpoints", async_save=False)
-  try:
-    step = ck.latest_step()
-    state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  finally:
-    ck.close()
-  return step, state["state"]["params"]
 
 
 def test_trainer_driven_from_cells_equals_launch_train(tmp_path):
@@ -55,7 +43,7 @@ def test_trainer_driven_from_cells_equals_launch_train(tmp_path):
   assert [r["step"] for r in first + second if r["split"] == "train"] == [2, 3, 4, 6]
   assert trainer.history == first + second
 
-  step, cli_params = _restore_params(tmp_path / "cli")
+  step, cli_params = latest_params(tmp_path / "cli")
   assert step == trainer.step == 6
   cli_leaves = jax.tree.leaves(cli_params)
   cell_leaves = jax.tree.leaves(jax.device_get(trainer.state.params))

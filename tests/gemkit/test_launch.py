@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import TINY, write_corpus
+from tests.helpers import TINY, latest_params, write_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -92,16 +92,6 @@ def _losses(workdir):
           if r["split"] == "train"]
 
 
-def _final_params(workdir):
-  from gemkit import checkpoint  # pylint: disable=g-import-not-at-top
-  ck = checkpoint.Checkpointer(workdir / "checkpoints")
-  step = ck.latest_step()
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  ck.close()
-  return step, state["state"]["params"]
-
-
 def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path, corpus):
   extra = {"train.steps": 12, "train.checkpoint_every": 3, "train.log_every": 1}
   straight = _run(_train_args(tmp_path / "straight", corpus, **extra))
@@ -121,7 +111,7 @@ def test_sigkill_then_rerun_resumes_the_same_curve(tmp_path, corpus):
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stdout
   assert _losses(killed) == _losses(tmp_path / "straight")
-  (s1, p1), (s2, p2) = _final_params(tmp_path / "straight"), _final_params(killed)
+  (s1, p1), (s2, p2) = latest_params(tmp_path / "straight"), latest_params(killed)
   assert s1 == s2 == 12
   import jax  # pylint: disable=g-import-not-at-top
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
