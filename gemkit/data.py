@@ -134,8 +134,13 @@ def load_documents(data_cfg) -> list[Document]:
   return docs
 
 
-def _in_heldout(name: str, fraction: float) -> bool:
-  h = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+def in_heldout(key: str | bytes, fraction: float) -> bool:
+  """Whether the document (or example) ``key`` falls in the held-out split.
+
+  A hash of the key, so the split is stable across runs, orders and processes.
+  """
+  key = key.encode() if isinstance(key, str) else key
+  h = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
   return h / 2**64 < fraction
 
 
@@ -232,8 +237,8 @@ class Corpus:
     digest = hashlib.sha256()
     for d in docs:
       digest.update(d.name.encode() + b"\0" + hashlib.sha256(d.data).digest())
-    held = [d for d in docs if _in_heldout(d.name, data_cfg.heldout_fraction)]
-    train = [d for d in docs if not _in_heldout(d.name, data_cfg.heldout_fraction)]
+    held = [d for d in docs if in_heldout(d.name, data_cfg.heldout_fraction)]
+    train = [d for d in docs if not in_heldout(d.name, data_cfg.heldout_fraction)]
     if not held or not train:  # too few documents to split by name: split bytes
       joined = b"\n".join(d.data for d in docs)
       cut = int(len(joined) * (1 - data_cfg.heldout_fraction))

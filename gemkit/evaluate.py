@@ -62,6 +62,8 @@ import numpy as np
 from flax import nnx
 
 from gemkit import data as data_lib
+from gemkit import metrics
+from gemkit.metrics import LN2
 from gemkit import runs
 from gemkit import sample as sample_lib
 from gemkit import synthetic
@@ -69,7 +71,6 @@ from gemkit import tasks as tasks_lib
 from gemkit.config import REPO_ROOT, ConfigError
 from gemkit.tokenizer import PAD, Tokenizer, resolve
 
-LN2 = math.log(2.0)
 HELDOUT_TASKS = {"heldout_bpb": "disjoint", "heldout_bpb_sliding": "sliding"}
 SYNTHETIC_TASKS = ("mqar", "passkey", "parity", "modcount", "arithmetic")
 DEFAULT_EVAL_CONFIG = "experiments/eval_default.py"
@@ -606,7 +607,7 @@ def run(checkpoint: str, names: Sequence[str], *, step: int | None = None,
       "tokenizer": tokenizer.describe(), "corpus_fingerprint": out["fingerprint"],
       "checkpoint_corpus_fingerprint": loaded.meta.get("corpus_fingerprint"),
       "git_commit": commit, "git_dirty": dirty, "jax_version": jax.__version__,
-      "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+      "machine": metrics.machine(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
       "eval_seconds": round(time.perf_counter() - start, 1),
   }

@@ -158,7 +158,7 @@ def task_data(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None
     if t.eval_path:
       train, heldout = examples, jsonl_examples(t.eval_path, "task.eval_path", tok)
     else:
-      held = [_in_heldout(ex.prompt.tobytes(), t.heldout_fraction) for ex in examples]
+      held = [data_lib.in_heldout(ex.prompt.tobytes(), t.heldout_fraction) for ex in examples]
       train = [ex for ex, h in zip(examples, held) if not h]
       heldout = [ex for ex, h in zip(examples, held) if h]
     train = train[:t.train_examples] if t.train_examples else train
@@ -168,11 +168,6 @@ def task_data(cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None
   else:
     raise ConfigError("task.kind", f"must be one of {TASKS}, got {t.kind!r}")
   return TaskData(train, heldout, t.seq_len, identity, prefetch=t.prefetch, pad_id=tok.pad_id)
-
-
-def _in_heldout(key: bytes, fraction: float) -> bool:
-  h = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
-  return h / 2**64 < fraction
 
 
 # --- metrics --------------------------------------------------------------------------------
@@ -488,7 +483,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = Non
                            None if export_peft is None else pathlib.Path(export_peft) / method))
   _relative_to_full(base_row, rows)
   return {"config": cfg.to_dict(), "base": base.info() | {"params": base.num_params},
-          "task": task.summary(), "machine": quantize.machine(), "workdir": str(workdir),
+          "task": task.summary(), "machine": metrics.machine(), "workdir": str(workdir),
           "rows": [base_row] + rows, "targets": targets(rows),
           "elapsed_s": round(time.perf_counter() - start, 1)}
 

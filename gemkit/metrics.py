@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import platform
 import sys
 import time
 from typing import Any, Iterable, Sequence, TextIO
 
 import numpy as np
+
+LN2 = math.log(2.0)   # nats per bit: bits = nats / LN2
 
 # Peak dense bf16 FLOP/s per chip, for the MFU estimate (vendor figures).
 PEAK_FLOPS = {
@@ -31,6 +35,16 @@ def peak_flops() -> float | None:
   import jax  # pylint: disable=g-import-not-at-top
   peak = PEAK_FLOPS.get(jax.devices()[0].device_kind)
   return None if peak is None else peak * jax.device_count()
+
+
+def machine() -> str:
+  """The devices a result was measured on: ``8 x TPU v5 lite, jax 0.10.2``, or
+  ``2-core x86_64 CPU, jax 0.10.2`` on CPU."""
+  import jax  # pylint: disable=g-import-not-at-top
+  dev = jax.devices()[0]
+  if dev.platform == "cpu":
+    return f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
+  return f"{jax.device_count()} x {dev.device_kind}, jax {jax.__version__}"
 
 
 def format_flops(flops_per_sec: float, mfu: float | None) -> str:

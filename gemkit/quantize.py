@@ -38,9 +38,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 import pathlib
-import platform
 import re
 import shutil
 import time
@@ -320,13 +318,6 @@ def disk_bytes(path: pathlib.Path) -> int:
   return sum(f.stat().st_size for f in pathlib.Path(path).rglob("*") if f.is_file())
 
 
-def machine() -> str:
-  dev = jax.devices()[0]
-  if dev.platform == "cpu":
-    return f"{os.cpu_count()}-core {platform.machine()} CPU, jax {jax.__version__}"
-  return f"{jax.device_count()} x {dev.device_kind}, jax {jax.__version__}"
-
-
 def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str, Rules]], *,
                  out_dir: str | pathlib.Path | None = None, step: int | None = None,
                  keep_float: str = r"(.*/)?head", eval_windows: int | None = None,
@@ -415,7 +406,7 @@ def quantize_run(workdir: str | pathlib.Path, formats: Sequence[str | tuple[str,
             {"quantization": {"format": label, "rules": rules[label], "source": str(workdir),
                               "source_step": source_step}})
   return {"source": str(workdir), "step": source_step, "out_dir": str(out_dir),
-          "machine": machine(),
+          "machine": metrics.machine(),
           "eval": {"windows": windows, "seq_len": config.data.seq_len,
                    "batch_size": batch_size or config.train.batch_size,
                    "protocol": "Trainer.evaluate: disjoint held-out windows"},

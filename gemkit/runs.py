@@ -13,6 +13,7 @@ import ml_collections
 from gemkit import sample as sample_lib
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
+from gemkit import metrics
 from gemkit.metrics import format_duration, format_flops
 
 
@@ -28,7 +29,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | None = None) -> dict
   w = trainer.writer
   c = trainer.corpus
   w.print(f"gemkit: {config.name}  {trainer.num_params:,} parameters  "
-          f"devices {jax.device_count()} x {jax.devices()[0].device_kind}  mesh "
+          f"{metrics.machine()}  mesh "
           f"{dict(trainer.mesh.shape)}")
   w.print(f"corpus {config.data.source} {c.fingerprint}: {c.num_docs[0]} train docs "
           f"({c.train.num_bytes:,} bytes), {c.num_docs[1]} held-out docs "

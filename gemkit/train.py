@@ -33,7 +33,6 @@ status 0; running the same command again resumes from it.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import pathlib
 import signal
@@ -60,8 +59,8 @@ from gemkit import optim
 from gemkit import sharding as sharding_lib
 from gemkit import tokenizer as tokenizer_lib
 from gemkit.config import ConfigError, validate
+from gemkit.metrics import LN2
 
-LN2 = math.log(2.0)
 
 
 @flax.struct.dataclass

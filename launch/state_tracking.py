@@ -11,16 +11,14 @@ runs/<config.name>/results.json).
 """
 
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
-import jax
 from absl import flags
 
 from gemkit import config as config_lib
+from gemkit import metrics
 from gemkit import state_tracking
 
 _CONFIG = config_lib.define_config_flag("experiments/state_tracking.py")
@@ -37,8 +35,7 @@ def _run():
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps({
       "command": " ".join(["python -m launch.state_tracking"] + sys.argv[1:]),
-      "machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-                 f"{jax.devices()[0].device_kind}, jax {jax.__version__}",
+      "machine": metrics.machine(),
       "elapsed_s": round(elapsed, 1), "config": config.to_dict(), "rows": rows}, indent=1))
   print(state_tracking.table(rows, config))
   print(f"total {elapsed / 60:.1f} min; results: {output}")

@@ -29,7 +29,7 @@ def test_stdlib_corpus_excludes_tests_and_splits_deterministically():
   a, b = data.Corpus.from_config(cfg.data), data.Corpus.from_config(cfg.data)
   assert a.fingerprint == b.fingerprint
   np.testing.assert_array_equal(a.heldout.tokens, b.heldout.tokens)
-  held = [d.name for d in docs if data._in_heldout(d.name, cfg.data.heldout_fraction)]
+  held = [d.name for d in docs if data.in_heldout(d.name, cfg.data.heldout_fraction)]
   assert 0 < len(held) < 0.15 * len(docs)
   assert a.train.num_bytes + a.heldout.num_bytes == sum(len(d.data) for d in docs)
 
