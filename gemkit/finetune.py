@@ -46,7 +46,6 @@ methods, ``<workdir>/<method>/adapter/`` the adapter alone
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import json
 import pathlib
@@ -196,19 +195,10 @@ def exact_match(model: nnx.Module, examples: Sequence[data_lib.Completion], *,
   return {"exact_match": float(np.mean(correct)), "n": len(correct), "samples": samples}
 
 
-@functools.lru_cache(maxsize=None)
-def _eval_fn(graphdef):
-  return jax.jit(functools.partial(train_lib.eval_step, graphdef=graphdef))
-
-
 def completion_loss(model: nnx.Module, task: TaskData, batch_size: int) -> float:
   """Held-out loss, nats per completion token (EOS included), as ``Trainer.evaluate``."""
   graphdef, params, frozen = train_lib.split_model(model)
-  nll = count = 0.0
-  for batch in task.eval_batches(batch_size):
-    sums = jax.device_get(_eval_fn(graphdef)(params, frozen, batch))
-    nll, count = nll + float(sums["nll"]), count + float(sums["tokens"])
-  return nll / max(count, 1.0)
+  return train_lib.heldout_loss(graphdef, params, frozen, task.eval_batches(batch_size))["loss"]
 
 
 def tree_bytes(tree: Any) -> int:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import pathlib
 import re
 import shutil
@@ -272,11 +271,6 @@ def format_layers(report: Sequence[LayerReport]) -> str:
 # --- held-out evaluation, quantized checkpoints, the launcher's run -------------
 
 
-@functools.lru_cache(maxsize=None)
-def _eval_fn(graphdef):
-  return jax.jit(functools.partial(train_lib.eval_step, graphdef=graphdef))
-
-
 def heldout_bpb(model: nnx.Module, config, *, max_windows: int | None = None,
                 batch_size: int | None = None, corpus: data_lib.Corpus | None = None,
                 tokenizer: tokenizer_lib.Tokenizer | None = None) -> dict:
@@ -291,14 +285,11 @@ def heldout_bpb(model: nnx.Module, config, *, max_windows: int | None = None,
   graphdef, params, frozen = train_lib.split_model(model)
   tokenizer = tokenizer_lib.resolve(tokenizer)
   corpus = corpus or data_lib.Corpus.from_config(config.data, tokenizer)
-  token_bytes = jnp.asarray(tokenizer.token_bytes())
-  totals = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
-  for batch in data_lib.eval_batches(corpus.heldout, config.data.seq_len,
-                                     batch_size or config.train.batch_size,
-                                     max_windows or config.data.eval_windows):
-    sums = jax.device_get(_eval_fn(graphdef)(params, frozen, batch, token_bytes))
-    totals = {k: totals[k] + float(sums[k]) for k in totals}
-  return train_lib.summarize_eval(totals)
+  batches = data_lib.eval_batches(corpus.heldout, config.data.seq_len,
+                                  batch_size or config.train.batch_size,
+                                  max_windows or config.data.eval_windows)
+  return train_lib.heldout_loss(graphdef, params, frozen, batches,
+                                jnp.asarray(tokenizer.token_bytes()))
 
 
 def save_model(model: nnx.Module, workdir: str | pathlib.Path, step: int, meta: dict) -> int:

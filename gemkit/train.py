@@ -187,6 +187,29 @@ def summarize_eval(sums: dict) -> dict:
           "eval_tokens": int(sums["tokens"])}
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_eval_step(graphdef):
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef))
+
+
+def heldout_loss(graphdef, params, frozen, batches, token_bytes=None, *,
+                 step_fn: Callable | None = None) -> dict:
+  """:func:`summarize_eval` of :func:`eval_step` summed over ``batches``.
+
+  The one held-out loop: ``Trainer.evaluate``, ``quantize.heldout_bpb`` and
+  ``finetune.completion_loss`` all call it. ``token_bytes`` as for
+  :func:`eval_step`. ``step_fn(params, frozen, batch, token_bytes)``: the
+  jitted eval step (default: ``eval_step`` jitted for ``graphdef``; the
+  Trainer passes its sharded one, with batches already on its mesh).
+  """
+  step_fn = step_fn or _jit_eval_step(graphdef)
+  totals = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
+  for batch in batches:
+    sums = jax.device_get(step_fn(params, frozen, batch, token_bytes))
+    totals = {k: totals[k] + float(sums[k]) for k in totals}
+  return summarize_eval(totals)
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -430,16 +453,12 @@ class Trainer:
     """Held-out loss and bits-per-byte over disjoint windows of seq_len."""
     d, t = self.config.data, self.config.train
     n = max_windows or d.eval_windows
-    totals = {"nll": 0.0, "tokens": 0.0, "byte_nll": 0.0, "bytes": 0.0}
     batches = (data_lib.eval_batches(self.corpus.heldout, d.seq_len, t.batch_size, n)
                if self._task is None else self._task.eval_batches(t.batch_size, n))
     with sharding_lib.activate(self.mesh):
-      for batch in batches:
-        sums = jax.device_get(self._eval_step(self.state.params, self.state.frozen,
-                                              self._device_batch(batch),
-                                              self.tokenizer.token_bytes()))
-        totals = {k: totals[k] + float(sums[k]) for k in totals}
-    return summarize_eval(totals)
+      return heldout_loss(self.graphdef, self.state.params, self.state.frozen,
+                          map(self._device_batch, batches), self.tokenizer.token_bytes(),
+                          step_fn=self._eval_step)
 
   def save(self, force: bool = False) -> None:
     state = self.state if self._model_fn is None else self.state.replace(frozen=None)
