@@ -38,8 +38,9 @@ Packed segments: the diagonal scan gets a_t = 0 at a segment start; the matrix
 states get a log decay of ``RESET_LOG_DECAY`` there (a factor exp(-30) ~ 1e-13:
 zero to float32 precision; the chunked ops take log decays, and -inf would
 give inf - inf inside a chunk). Decoding steps one token with the
-step-by-step recurrence (``ops.scan.reference``, no 16-token chunk padding)
-and runs a longer prompt through the chunked op from the cached state.
+step-by-step recurrence (``ops.scan.linear_attention_steps`` /
+``ops.scan.delta_rule_steps``, no 16-token chunk padding) and runs a longer
+prompt through the chunked op from the cached state.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ from flax import nnx
 
 from models import layers, recurrent
 from ops import scan
-from ops.scan import reference as scan_ref
 
 MIXERS = ("gla", "deltanet", "gated_deltanet", "mamba")
 EIGENVALUE_RANGES = ("[0,1]", "[-1,1]")
@@ -211,7 +211,7 @@ class GatedLinearAttention(_MatrixStateMixer):
     if valid is not None:
       k = jnp.where(valid[..., None, None], k, 0)
       g = jnp.where(valid[..., None, None], g, 0.0)
-    return self._recurrence(scan.chunked_linear_attention, scan_ref.linear_attention_steps,
+    return self._recurrence(scan.chunked_linear_attention, scan.linear_attention_steps,
                             (q, k, v, g), state)
 
 
@@ -252,7 +252,7 @@ class DeltaNet(_MatrixStateMixer):
     if valid is not None:
       beta = jnp.where(valid[..., None], beta, 0.0)
       g = jnp.where(valid[..., None], g, 0.0)
-    return self._recurrence(scan.delta_rule, scan_ref.delta_rule_steps, (q, k, v, beta, g),
+    return self._recurrence(scan.delta_rule, scan.delta_rule_steps, (q, k, v, beta, g),
                             state)
 
 
