@@ -121,17 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.get("init_from"):
     _require((pathlib.Path(m.init_from) / "config.json").is_file(), "model.init_from",
              f"{m.init_from!r} is not a Hugging Face model directory (no config.json)")
-  if m.get("family", "transformer") == "transformer":
-    for key in ("num_layers", "d_model", "num_heads", "num_kv_heads", "head_dim",
-                "mlp_dim", "vocab_size"):
-      _require(m[key] > 0, f"model.{key}", f"must be > 0, got {m[key]}")
-    _require(m.num_heads % m.num_kv_heads == 0, "model.num_kv_heads",
-             f"must divide model.num_heads={m.num_heads}, got {m.num_kv_heads}")
-    _require(m.head_dim % 2 == 0, "model.head_dim",
-             f"must be even for RoPE, got {m.head_dim}")
-    _validate_attention(m)
-  else:
-    _validate_family(m)
+  validate_model(m)
   _require(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
   _require(m.param_dtype in DTYPES, "model.param_dtype",
            f"must be one of {DTYPES}, got {m.param_dtype!r}")
@@ -164,32 +154,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_mesh(config)
 
 
-def _validate_attention(m: ml_collections.ConfigDict) -> None:
-  """The transformer's attention pattern and the keys it needs (absent keys: defaults)."""
-  from models import transformer  # pylint: disable=g-import-not-at-top
-  pattern = m.get("attention", "dense")
-  _require(pattern in transformer.ATTENTION_PATTERNS, "model.attention",
-           f"must be one of {transformer.ATTENTION_PATTERNS}, got {pattern!r}")
-  for key, least in transformer.PATTERN_KEYS[pattern].items():
-    _require(m.get(key, 0) >= least, f"model.{key}",
-             f"must be >= {least} with model.attention={pattern!r}, got {m.get(key, 0)}")
-  scores = m.get("topk_scores", "mean")
-  _require(scores in transformer.TOPK_SCORES, "model.topk_scores",
-           f"must be one of {transformer.TOPK_SCORES}, got {scores!r}")
-  _require(scores != "compressed" or m.get("compressed_branch", False),
-           "model.compressed_branch", "must be True with model.topk_scores='compressed' "
-           "(the branch computes the scores)")
-  _require(m.get("block_size", 128) >= 1, "model.block_size",
-           f"must be >= 1, got {m.get('block_size')}")
-  _require(m.get("query_block", 0) >= 0, "model.query_block",
-           f"must be >= 0 (0: model.block_size), got {m.get('query_block')}")
+def validate_model(model_cfg: ml_collections.ConfigDict) -> None:
+  """Every family checks its own keys, in its config class (``models.family_config``).
 
-
-def _validate_family(model_cfg: ml_collections.ConfigDict) -> None:
-  """Other model families check their own keys (their config dataclass)."""
-  import models  # pylint: disable=g-import-not-at-top
+  A field that cannot work is ``config error: model.<field>: ...``; anything
+  else the class rejects (a missing key) is ``config error: model: ...``.
+  """
+  import models  # pylint: disable=g-import-not-at-top  (jax only once a config is checked)
+  from models import layers  # pylint: disable=g-import-not-at-top
   try:
-    models.family_config(model_cfg)
+    models.family_config({"family": "transformer", **model_cfg})
+  except layers.FieldError as e:
+    raise ConfigError(f"model.{e.field}", e.message) from None
   except (TypeError, ValueError) as e:
     raise ConfigError("model", str(e)) from None
 

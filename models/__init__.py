@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from flax import nnx
 
-from models import griffin, linear_rnn, transformer
+from models import griffin, layers, linear_rnn, transformer
 
 # family -> (config dataclass with from_config, model class)
 _FAMILIES: dict[str, tuple[Any, Any]] = {
@@ -25,7 +25,7 @@ def family_config(model_cfg: Mapping[str, Any]):
   names an unknown key or a value that cannot work)."""
   family = model_cfg["family"]
   if family not in _FAMILIES:
-    raise ValueError(f"model.family must be one of {sorted(_FAMILIES)}, got {family!r}")
+    raise layers.FieldError("family", f"must be one of {sorted(_FAMILIES)}, got {family!r}")
   return _FAMILIES[family][0].from_config(model_cfg)
 
 

@@ -93,11 +93,12 @@ class GriffinConfig(recurrent.RecurrentLMConfig):
   def __post_init__(self):
     super().__post_init__()
     if not self.block_pattern or set(self.block_pattern) - set("RA"):
-      raise ValueError(f"block_pattern must be a non-empty string of R (recurrent) and "
-                       f"A (local attention), got {self.block_pattern!r}")
+      raise layers.FieldError("block_pattern", "must be a non-empty string of R (recurrent) "
+                              f"and A (local attention), got {self.block_pattern!r}")
     if self.width % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} must divide the RG-LRU width "
-                       f"{self.width} (lru_width or d_model): its gates are block diagonal")
+      raise layers.FieldError("num_heads", f"must divide the RG-LRU width {self.width} "
+                              "(lru_width or d_model; its gates are block diagonal), "
+                              f"got {self.num_heads}")
     if "A" in self.block_pattern:
       self.attention_config()   # GQA / RoPE checks
 

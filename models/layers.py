@@ -288,6 +288,15 @@ class RMSNorm(nnx.Module):
     return (y * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
 
 
+class FieldError(ValueError):
+  """A model-config field holds a value that cannot work: ``field`` names it,
+  ``message`` says what it must be (``str``: "<field> <message>")."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field} {message}")
+    self.field, self.message = field, message
+
+
 def config_from(cls, model_cfg: Mapping[str, Any], family: str):
   """``cls(**model_cfg)`` for a model-config dataclass, without the ``family`` and
   ``init_from`` keys (the latter names the run's initial weights, which
@@ -324,7 +333,7 @@ def rope_frequencies(rotary_dim: int, theta: float = 10_000.0, rope_type: str = 
              (1 - s) f_i / factor + s f_i, s = (L / l_i - low) / (high - low).
   """
   if rope_type not in ROPE_TYPES:
-    raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+    raise FieldError("rope_type", f"must be one of {ROPE_TYPES}, got {rope_type!r}")
   exponent = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
   freq = (1.0 / np.float32(theta) ** exponent).astype(np.float32)
   if rope_type == "linear":
@@ -383,7 +392,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   """The gated MLP's activation by name (``ACTIVATIONS``)."""
   if name not in ACTIVATIONS:
-    raise ValueError(f"mlp_activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+    raise FieldError("mlp_activation", f"must be one of {sorted(ACTIVATIONS)}, got {name!r}")
   return ACTIVATIONS[name]
 
 

@@ -88,13 +88,13 @@ class LinearRNNConfig(recurrent.RecurrentLMConfig):
   def __post_init__(self):
     super().__post_init__()
     if self.mixer not in MIXERS:
-      raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+      raise layers.FieldError("mixer", f"must be one of {MIXERS}, got {self.mixer!r}")
     if self.eigenvalue_range not in EIGENVALUE_RANGES:
-      raise ValueError(f"eigenvalue_range must be one of {EIGENVALUE_RANGES}, "
-                       f"got {self.eigenvalue_range!r}")
+      raise layers.FieldError("eigenvalue_range", f"must be one of {EIGENVALUE_RANGES}, "
+                              f"got {self.eigenvalue_range!r}")
     if self.mixer == "gla" and self.negative_eigenvalues:
-      raise ValueError("eigenvalue_range='[-1,1]' needs mixer 'deltanet', "
-                       "'gated_deltanet' or 'mamba' (GLA's decay is a log decay)")
+      raise layers.FieldError("eigenvalue_range", "'[-1,1]' needs mixer 'deltanet', "
+                              "'gated_deltanet' or 'mamba' (GLA's decay is a log decay)")
 
   @property
   def negative_eigenvalues(self) -> bool:

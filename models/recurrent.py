@@ -84,13 +84,13 @@ class RecurrentLMConfig:
   mlp_bias: bool = False
 
   def __post_init__(self):
-    """ValueError naming the first field out of its range."""
+    """``layers.FieldError`` (a ValueError) naming the first field out of its range."""
     for name in ("vocab_size", "num_layers", "d_model") + self.positive:
       if getattr(self, name) <= 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        raise layers.FieldError(name, f"must be > 0, got {getattr(self, name)}")
     for name in ("mlp_dim", "embed_scale") + self.nonnegative:
       if getattr(self, name) < 0:
-        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        raise layers.FieldError(name, f"must be >= 0, got {getattr(self, name)}")
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> Self:

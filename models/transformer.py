@@ -139,38 +139,51 @@ class TransformerConfig:
   rope_fraction: float = 1.0    # rotated fraction of head_dim (recurrentgemma: 0.5)
 
   def __post_init__(self):
-    if set(self.layer_pattern) - set("LG"):
-      raise ValueError(f"layer_pattern must be a string of L (sliding) and G (the attention "
-                       f"pattern), got {self.layer_pattern!r}")
-    if "L" in self.layer_pattern and self.window < 1:
-      raise ValueError(f"layer_pattern={self.layer_pattern!r} has sliding layers: it needs "
-                       f"window >= 1, got {self.window}")
-    layers.activation(self.mlp_activation)
-    rot = self.head_dim * self.rope_fraction
-    if not 0 < self.rope_fraction <= 1 or rot != int(rot) or int(rot) % 2:
-      raise ValueError(f"rope_fraction={self.rope_fraction} must be in (0, 1] and rotate an "
-                       f"even number of the head_dim={self.head_dim} dims")
-    self.inv_freq()
+    """``layers.FieldError`` (a ValueError) naming the first field that cannot work.
+
+    ``gemkit.config.validate`` reports it as ``config error: model.<field>: ...``.
+    """
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim"):
+      if getattr(self, name) <= 0:
+        raise layers.FieldError(name, f"must be > 0, got {getattr(self, name)}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
-                       f"num_heads={self.num_heads}")
+      raise layers.FieldError("num_kv_heads", f"must divide num_heads={self.num_heads}, "
+                              f"got {self.num_kv_heads}")
+    if set(self.layer_pattern) - set("LG"):
+      raise layers.FieldError("layer_pattern", "must be a string of L (sliding) and G (the "
+                              f"attention pattern), got {self.layer_pattern!r}")
+    if "L" in self.layer_pattern and self.window < 1:
+      raise layers.FieldError("window", f"must be >= 1 with layer_pattern="
+                              f"{self.layer_pattern!r} (sliding layers), got {self.window}")
+    layers.activation(self.mlp_activation)
+    if not 0 < self.rope_fraction <= 1:
+      raise layers.FieldError("rope_fraction", f"must be in (0, 1], got {self.rope_fraction}")
+    rot = self.head_dim * self.rope_fraction
+    if rot != int(rot) or int(rot) % 2:
+      if self.rope_fraction == 1:
+        raise layers.FieldError("head_dim", f"must be even for RoPE, got {self.head_dim}")
+      raise layers.FieldError("rope_fraction", "must rotate an even number of the "
+                              f"head_dim={self.head_dim} dims, got {self.rope_fraction}")
+    self.inv_freq()
     if self.attention not in ATTENTION_PATTERNS:
-      raise ValueError(f"attention must be one of {ATTENTION_PATTERNS}, "
-                       f"got {self.attention!r}")
+      raise layers.FieldError("attention", f"must be one of {ATTENTION_PATTERNS}, "
+                              f"got {self.attention!r}")
     for key, least in PATTERN_KEYS[self.attention].items():
       if getattr(self, key) < least:
-        raise ValueError(f"attention={self.attention!r} needs {key} >= {least}, "
-                         f"got {getattr(self, key)}")
+        raise layers.FieldError(key, f"must be >= {least} with attention={self.attention!r}, "
+                                f"got {getattr(self, key)}")
     if self.topk_scores not in TOPK_SCORES:
-      raise ValueError(f"topk_scores must be one of {TOPK_SCORES}, got {self.topk_scores!r}")
+      raise layers.FieldError("topk_scores", f"must be one of {TOPK_SCORES}, "
+                              f"got {self.topk_scores!r}")
     if self.topk_scores == "compressed" and not self.compressed_branch:
-      raise ValueError("topk_scores='compressed' ranks blocks by the compressed branch: it "
-                       "needs compressed_branch=True")
-    if (self.block_size < 1 or self.local_blocks < 0 or self.sink_blocks < 0
-        or self.query_block < 0):
-      raise ValueError("block_size must be >= 1 and local_blocks, sink_blocks, query_block "
-                       f">= 0, got {self.block_size}, {self.local_blocks}, {self.sink_blocks}, "
-                       f"{self.query_block}")
+      raise layers.FieldError("compressed_branch", "must be True with topk_scores='compressed' "
+                              "(the branch computes the scores)")
+    if self.block_size < 1:
+      raise layers.FieldError("block_size", f"must be >= 1, got {self.block_size}")
+    for name in ("local_blocks", "sink_blocks", "query_block"):
+      if getattr(self, name) < 0:
+        raise layers.FieldError(name, f"must be >= 0, got {getattr(self, name)}")
 
   @classmethod
   def from_config(cls, model_cfg: Mapping[str, Any]) -> "TransformerConfig":

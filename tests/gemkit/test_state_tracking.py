@@ -50,7 +50,7 @@ def test_config_errors_name_the_key(key, value, message):
 def test_a_cell_the_model_rejects_names_the_cell():
   cfg = _config(**{"task.mixers": ("deltanet", "gla"), "task.eigenvalue_ranges": ("[-1,1]",)})
   with pytest.raises(config_lib.ConfigError, match=r"model: \(mixer 'gla', eigenvalue_range "
-                     r"'\[-1,1\]'\): eigenvalue_range='\[-1,1\]' needs mixer"):
+                     r"'\[-1,1\]'\): eigenvalue_range '\[-1,1\]' needs mixer"):
     state_tracking.validate(cfg)
 
 

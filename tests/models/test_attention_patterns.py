@@ -211,5 +211,5 @@ def test_config_keys_build_every_pattern_and_bad_values_name_the_key():
                          ({"model.query_block": -1}, "model.query_block")]:
     with pytest.raises(config_lib.ConfigError, match=key):
       tiny_config(**overrides)
-  with pytest.raises(ValueError, match="s2_group >= 2"):
+  with pytest.raises(ValueError, match="s2_group must be >= 2 with attention='s2', got 1"):
     _model(attention="s2", s2_group=1)

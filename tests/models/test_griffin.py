@@ -163,9 +163,10 @@ def test_experiment_trains_through_the_trainer(tmp_path, experiment):
 
 
 def test_bad_config_names_the_key():
-  with pytest.raises(config_lib.ConfigError, match="model: block_pattern must be"):
+  with pytest.raises(config_lib.ConfigError, match="model.block_pattern: must be"):
     config_lib.load("experiments/griffin_tiny.py", **{"model.block_pattern": "RX"})
-  with pytest.raises(config_lib.ConfigError, match="num_heads=3 must divide the RG-LRU"):
+  with pytest.raises(config_lib.ConfigError,
+                     match="model.num_heads: must divide the RG-LRU width .*got 3"):
     config_lib.load("experiments/hawk_tiny.py", **{"model.num_heads": 3})
   with pytest.raises(ValueError, match="unknown griffin config keys: \\['bogus'\\]"):
     griffin.GriffinConfig.from_config({**dataclasses.asdict(CFG), "bogus": 1})

@@ -119,7 +119,7 @@ def test_experiment_trains_through_runs_train(tmp_path, experiment):
 
 def test_bad_config_names_the_key():
   with pytest.raises(config_lib.ConfigError,
-                     match=r"model: eigenvalue_range='\[-1,1\]' needs mixer"):
+                     match=r"model.eigenvalue_range: '\[-1,1\]' needs mixer"):
     config_lib.load("experiments/gla_tiny.py", **{"model.eigenvalue_range": "[-1,1]"})
-  with pytest.raises(config_lib.ConfigError, match="model: mixer must be one of"):
+  with pytest.raises(config_lib.ConfigError, match="model.mixer: must be one of"):
     config_lib.load("experiments/deltanet_tiny.py", **{"model.mixer": "lstm"})

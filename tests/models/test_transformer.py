@@ -117,7 +117,7 @@ def test_remat_gives_the_same_gradients():
 
 
 def test_bad_config_is_rejected():
-  with pytest.raises(ValueError, match="num_kv_heads=3 must divide num_heads=4"):
+  with pytest.raises(ValueError, match="num_kv_heads must divide num_heads=4, got 3"):
     _model(num_kv_heads=3)
   with pytest.raises(ValueError, match="unknown transformer config keys"):
     transformer.TransformerConfig.from_config({**CFG.__dict__, "bogus": 1})
