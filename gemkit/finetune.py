@@ -410,8 +410,8 @@ def summarize(reports: Sequence[dict]) -> dict:
   ``exact_match``, ``heldout_loss``, ``step_s`` and ``train_s`` become the
   mean over seeds (``<key>_seeds`` keeps every value, ``<key>_std`` the sample
   standard deviation), the rest (parameter counts, bytes) is the first
-  seed's; the shares of full fine-tuning's gain and the targets are then
-  computed on the means."""
+  seed's; the shares of full fine-tuning's gain are then computed on the
+  means."""
   if not reports:
     raise ValueError("summarize: no reports")
   methods = [r["method"] for r in reports[0]["rows"]]
@@ -432,9 +432,9 @@ def summarize(reports: Sequence[dict]) -> dict:
       row[f"{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
     rows.append(row)
   _relative_to_full(rows[0], rows[1:])
-  return {**{k: v for k, v in reports[0].items() if k not in ("rows", "targets", "task")},
+  return {**{k: v for k, v in reports[0].items() if k not in ("rows", "task")},
           "seeds": [rep["config"]["seed"] for rep in reports],
-          "task": [rep["task"] for rep in reports], "rows": rows, "targets": targets(rows[1:]),
+          "task": [rep["task"] for rep in reports], "rows": rows,
           "elapsed_s": round(sum(rep["elapsed_s"] for rep in reports), 1), "runs": reports}
 
 
@@ -474,7 +474,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = Non
   _relative_to_full(base_row, rows)
   return {"config": cfg.to_dict(), "base": base.info() | {"params": base.num_params},
           "task": task.summary(), "machine": metrics.machine(), "workdir": str(workdir),
-          "rows": [base_row] + rows, "targets": targets(rows),
+          "rows": [base_row] + rows,
           "elapsed_s": round(time.perf_counter() - start, 1)}
 
 
@@ -491,24 +491,6 @@ def _relative_to_full(base_row: dict, rows: list[dict]) -> None:
     drop = base_row["heldout_loss"] - full["heldout_loss"]
     if drop > 0:
       r["loss_gain_vs_full"] = (base_row["heldout_loss"] - r["heldout_loss"]) / drop
-
-
-def targets(rows: Sequence[dict]) -> dict:
-  """The issue's measured targets, each with the numbers it compares and whether it holds."""
-  by = {r["method"]: r for r in rows}
-  out = {}
-  if "lora" in by and "full" in by:
-    r, f = by["lora"], by["full"]
-    out["lora_gain_ge_95pct_of_full"] = {"value": r["em_gain_vs_full"],
-                                         "met": (r["em_gain_vs_full"] or 0) >= 0.95}
-    out["lora_trainable_le_2pct"] = {"value": r["trainable_pct"],
-                                     "met": r["trainable_pct"] <= 2.0}
-    ratio = r["opt_state_bytes"] / f["opt_state_bytes"]
-    out["lora_opt_state_le_3pct_of_full"] = {"value": 100 * ratio, "met": ratio <= 0.03}
-  if "lora" in by and "qlora" in by:
-    gap = 100 * (by["lora"]["exact_match"] - by["qlora"]["exact_match"])
-    out["qlora_within_2_points_of_lora"] = {"value": gap, "met": gap <= 2.0}
-  return out
 
 
 # --- loading a fine-tuned run ---------------------------------------------------------------

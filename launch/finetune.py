@@ -16,7 +16,9 @@ directory, DIR/<method> (DIR/seed<s>/<method> with several seeds), which
 peft.PeftModel.from_pretrained loads onto the Hugging Face base.
 Prints one table row per method (exact match, held-out completion loss,
 trainable parameters, optimizer-state and frozen bytes, XLA step peak memory,
-step time) and writes the report as JSON (and Markdown next to it).
+step time) and writes the report as JSON (and Markdown next to it);
+``python benchmarks/finetune_targets.py <the JSON>`` judges it against the
+acceptance targets.
 """
 
 import pathlib
@@ -46,9 +48,6 @@ def _run():
   table = finetune.markdown_table(report)
   path.with_suffix(".md").write_text(table + "\n")
   print(table)
-  for name, t in report["targets"].items():
-    value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-    print(f"{name}: {value} {'met' if t['met'] else 'NOT met'}")
   if _EXPORT_PEFT.value:
     print(f"PEFT adapters: {_EXPORT_PEFT.value}")
   print(f"{report['machine']}; JSON: {path}")

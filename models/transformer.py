@@ -460,8 +460,8 @@ class Attention(nnx.Module):
     kc, vc = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
     if Tn == 1:
       o = self._decode_step(q[:, 0], kc, vc, lengths + 1)[:, None]
-      # Pages by Quest bounds, not the branch's probabilities: on the same passkey
-      # weights they generated 0.96 vs 0.75 of 24 keys at 4K (benchmarks/README.md).
+      # Pages by Quest bounds, not the branch's probabilities: the passkey benchmark
+      # generated better with them (benchmarks/README.md, "Passkey retrieval").
       if self.compressed:
         o_cmp, _ = compressed_attention(q, kc, vc, positions, self.cfg.block_size)
         o = o + self._gate(x)[..., None].astype(o.dtype) * o_cmp
