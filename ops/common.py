@@ -67,6 +67,16 @@ def round_up(x: int, multiple: int) -> int:
   return cdiv(x, multiple) * multiple
 
 
+def next_pow2(n: int) -> int:
+  """The smallest power of two >= ``n`` (1 for ``n <= 1``)."""
+  return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def is_pow2(n: int) -> bool:
+  """Whether ``n`` is a positive power of two."""
+  return n > 0 and n & (n - 1) == 0
+
+
 def pad_axis(x: jax.Array, axis: int, multiple: int, value=0) -> jax.Array:
   """Pads ``x`` along ``axis`` with ``value`` up to a multiple of ``multiple``."""
   size = x.shape[axis]

@@ -69,7 +69,7 @@ class BlockSizes:
       raise ValueError("impl='pallas_tpu' needs block_q % 8 == 0 and block_kv % 128 == 0 "
                        f"(TPU (8, 128) tiles), got block_q={self.block_q}, "
                        f"block_kv={self.block_kv}")
-    if impl == "pallas_gpu" and not all(_pow2(v) and v >= 16 for v in
+    if impl == "pallas_gpu" and not all(common.is_pow2(v) and v >= 16 for v in
                                         (self.block_q, self.block_kv)):
       raise ValueError("impl='pallas_gpu' needs block_q and block_kv to be powers of two "
                        f">= 16 (Triton), got block_q={self.block_q}, block_kv={self.block_kv}")
@@ -80,17 +80,9 @@ class BlockSizes:
       return BlockSizes(min(self.block_q, common.round_up(seq_q, 8)),
                         min(self.block_kv, common.round_up(seq_kv, 128)))
     if impl == "pallas_gpu":
-      return BlockSizes(min(self.block_q, max(16, _next_pow2(seq_q))),
-                        min(self.block_kv, max(16, _next_pow2(seq_kv))))
+      return BlockSizes(min(self.block_q, max(16, common.next_pow2(seq_q))),
+                        min(self.block_kv, max(16, common.next_pow2(seq_kv))))
     return BlockSizes(min(self.block_q, seq_q), min(self.block_kv, seq_kv))
-
-
-def _pow2(v: int) -> bool:
-  return v > 0 and v & (v - 1) == 0
-
-
-def _next_pow2(v: int) -> int:
-  return 1 << max(0, int(v) - 1).bit_length()
 
 
 # --------------------------------------------------------------------------
@@ -351,6 +343,12 @@ def topk_block_attention(q, k, v, *, top_k, block_size=64, query_block=None, loc
                      f"ceil(S / block_size)] = [{b}, {hq} or {k.shape[2]}, {t}, {nk}], got "
                      f"{list(token_scores.shape)}")
   segs = _segments(segment_ids, b, t, s)
+  if impl == "pallas_tpu" and (block_size % 128 or query_block % 8):
+    # block_size is the unit of selection, so it cannot be padded to the TPU
+    # (8, 128) tile without changing the result.
+    raise ValueError("topk_block_attention: impl='pallas_tpu' needs block_size to be a multiple "
+                     f"of 128 and query_block a multiple of 8 (TPU (8, 128) tiles), got "
+                     f"block_size={block_size}, query_block={query_block}")
   impl, sizes = _resolve("topk_block_attention", impl, q, query_block, block_size, t, s)
   mask = masks_lib.CausalMask() if causal else masks_lib.FullMask()
   kinds, bounds = reference.topk_block_kinds(

@@ -35,13 +35,9 @@ MEASURED_FASTER: dict = {}
 _PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
-
-
 def _lists(layout):
   """Layout with list length padded to a power of two (EMPTY slots)."""
-  pad = _pow2(layout.max_blocks) - layout.max_blocks
+  pad = common.next_pow2(layout.max_blocks) - layout.max_blocks
   widths = ((0, 0),) * 3 + ((0, pad),)
   return (jnp.pad(layout.index, widths, mode="edge"), jnp.pad(layout.kind, widths))
 
@@ -54,7 +50,7 @@ def _list_spec(arr, row_of, head_of):
 
 
 def _pad_d(x):
-  return common.pad_axis(x, x.ndim - 1, _pow2(x.shape[-1]))
+  return common.pad_axis(x, x.ndim - 1, common.next_pow2(x.shape[-1]))
 
 
 class _Extras:

@@ -18,9 +18,12 @@ halves are two dots against the matching halves of the x columns.
 fp8 and ternary weights, and fp8 activations, take the XLA path.
 
 Block rules (``block_sizes_error``): Triton needs power-of-two tiles of at
-least 16 (``tl.dot``); ``bn`` divides N; packed formats need
-``bk == group_size`` (32..256); int8 needs ``bk`` to divide the group size
-(per-channel: K). M is padded to a multiple of ``bm``.
+least 16 (``tl.dot``); packed formats need ``bk == group_size`` (<= 256);
+int8 needs ``bk`` to divide the group size, or one group (per-channel,
+``group_size == K``). Ragged sizes are padded inside ``matmul`` /
+``w8a8_matmul`` and the result sliced: M to a multiple of ``bm``, N to a
+multiple of ``bn`` (zero codes and zero scales), and with one group K to a
+multiple of ``bk`` (zero x columns and zero codes).
 
 Always called with ``pltriton.CompilerParams`` so that a GPU picks the
 Triton backend (jax 0.10.2 defaults ``pallas_call`` to Mosaic GPU).
@@ -40,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from ops.common import pad_axis
+from ops.common import is_pow2, next_pow2, pad_axis
 from ops.quant.reference import PACKED_FORMATS, bit_planes, decode
 
 KERNEL_FORMATS = ("int8", "int4", "nf4", "fp4")
@@ -51,23 +54,21 @@ _PARAMS = pltriton.CompilerParams(num_warps=4, num_stages=2)
 _NT = (((1,), (1,)), ((), ()))
 
 
-def _pow2(v: int) -> bool:
-  return v >= 16 and v & (v - 1) == 0
-
-
 def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
                       group_size: int, packed: bool, x_dtype) -> str | None:
   """Why (bm, bn, bk) cannot tile an [M, K] x [K, N] problem, or None."""
-  del m, k, x_dtype  # M is padded; K is a multiple of group_size
+  del m, n, x_dtype  # M and N are padded; K too when it is one group
+  if packed and (not is_pow2(group_size) or not 16 <= group_size <= 256):
+    return (f"group_size={group_size} must be a power of two in [16, 256] for packed "
+            "formats on pallas_gpu (one Triton tile per group)")
   for name, v in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
-    if not _pow2(v):
+    if not (v >= 16 and is_pow2(v)):
       return f"{name}={v} must be a power of two >= 16 (Triton)"
-  if n % bn:
-    return f"block_n={bn} must divide N={n}"
-  if packed and (bk != group_size or bk > 256):
-    return f"block_k={bk} must equal group_size={group_size} (<= 256) for packed formats"
-  if not packed and group_size % bk:
-    return f"block_k={bk} must divide group_size={group_size}"
+  if packed and bk != group_size:
+    return f"block_k={bk} must equal group_size={group_size} for packed formats"
+  if not packed and group_size % bk and group_size != k:
+    return (f"group_size={group_size} must be a multiple of block_k={bk} (a power of two "
+            ">= 16) on pallas_gpu, or equal K (per channel)")
   return None
 
 
@@ -78,14 +79,19 @@ def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool
   if tuned and block_sizes_error(*tuned, m=m, k=k, n=n, group_size=group_size,
                                  packed=packed, x_dtype=x_dtype) is None:
     return tuned
-  bm = min(64, max(16, 1 << (max(m, 1) - 1).bit_length()))
+  bm = min(64, max(16, next_pow2(m)))
   # Untuned: the widest N tile that still gives >= 128 programs (an H100 has
   # 132 SMs; small-M decode is otherwise a handful of programs), else 16.
   m_blocks = -(-max(m, 1) // bm)
-  widths = [b for b in (128, 64, 32, 16) if n % b == 0] or [n]
-  bn = next((b for b in widths if m_blocks * (n // b) >= 128), widths[-1])
-  bk = group_size if packed else next(
-      (b for b in (128, 64, 32, 16) if group_size % b == 0), group_size)
+  # A ragged N is padded to a multiple of the tile.
+  widths = [b for b in (128, 64, 32, 16) if n % b == 0] or [min(128, max(16, next_pow2(n)))]
+  bn = next((b for b in widths if m_blocks * -(-n // b) >= 128), widths[-1])
+  if packed:
+    bk = group_size
+  elif group_size == k and k % 16:  # one group: K is padded to a multiple of bk
+    bk = min(128, max(16, next_pow2(k)))
+  else:
+    bk = next((b for b in (128, 64, 32, 16) if group_size % b == 0), group_size)
   return bm, bn, bk
 
 
@@ -152,10 +158,16 @@ def matmul(x, values, scales, bias, *, fmt: str, symmetric: bool, group_size: in
   """
   bm, bn, bk = block_sizes
   packed = fmt in PACKED_FORMATS
-  k, n = values.shape[0] * (2 if packed else 1), values.shape[1]
+  k0, n0 = values.shape[0] * (2 if packed else 1), values.shape[1]
   m = x.shape[0]
-  xp = pad_axis(x, 0, bm)
-  group = [a for a in (scales, bias) if a is not None]
+  # Ragged N: zero codes with zero scales (and bias) are zero weights. Ragged
+  # K (one group only, int8): zero codes and zero x columns add nothing.
+  values = pad_axis(values, 1, bn)
+  group = [pad_axis(a, 1, bn) for a in (scales, bias) if a is not None]
+  if not packed and k0 % bk:
+    values = pad_axis(values, 0, bk)
+  k, n = values.shape[0] * (2 if packed else 1), values.shape[1]
+  xp = pad_axis(pad_axis(x, 0, bm), 1, n if transpose else k)
   if transpose:
     rows = bk // 2 if packed else bk
     grid = (xp.shape[0] // bm, k // bk)
@@ -178,7 +190,7 @@ def matmul(x, values, scales, bias, *, fmt: str, symmetric: bool, group_size: in
       grid=grid, in_specs=in_specs, out_specs=out_spec,
       compiler_params=_PARAMS, interpret=interpret,
   )(xp, values, *group)
-  return out[:m]
+  return out[:m, :k0 if transpose else n0]
 
 
 def _w8a8_kernel(xq_ref, sx_ref, w_ref, s_ref, o_ref, *, bk):
@@ -195,9 +207,11 @@ def w8a8_matmul(xq, sx, values, scales, *, block_sizes: tuple[int, int, int],
                 out_dtype=jnp.float32, interpret=False) -> jax.Array:
   """``(xq @ values) * sx * scales`` with int32 accumulation (see ``tpu.w8a8_matmul``)."""
   bm, bn, bk = block_sizes
-  m, k = xq.shape
-  n = values.shape[1]
-  xqp, sxp = pad_axis(xq, 0, bm), pad_axis(sx, 0, bm)
+  m, n0 = xq.shape[0], values.shape[1]
+  # Ragged N: zero codes and scales, sliced off; ragged K (one group): zeros.
+  values, scales = pad_axis(pad_axis(values, 1, bn), 0, bk), pad_axis(scales, 1, bn)
+  k, n = values.shape
+  xqp, sxp = pad_axis(pad_axis(xq, 0, bm), 1, bk), pad_axis(sx, 0, bm)
   out = pl.pallas_call(
       functools.partial(_w8a8_kernel, bk=bk),
       out_shape=jax.ShapeDtypeStruct((xqp.shape[0], n), out_dtype),
@@ -209,4 +223,4 @@ def w8a8_matmul(xq, sx, values, scales, *, block_sizes: tuple[int, int, int],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
       compiler_params=_PARAMS, interpret=interpret,
   )(xqp, sxp, values, scales)
-  return out[:m]
+  return out[:m, :n0]

@@ -47,14 +47,6 @@ def _is_tpu(device_kind: str) -> bool:
   return "tpu" in device_kind.lower()
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << (max(n, 1) - 1).bit_length()
-
-
-def _is_pow2(n: int) -> bool:
-  return n >= 1 and n & (n - 1) == 0
-
-
 def _kernel_device_kind(impl: str) -> str:
   """The device the kernel targets: the real one, or "TPU" / "GPU" when it
   is interpreted on another backend."""
@@ -89,7 +81,7 @@ class ScanBlockSizes:
       dp = common.round_up(d, 128)
       block_d = next(bd for bd in (512, 256, 128) if dp % bd == 0)
       return cls(min(256, common.round_up(t, tpu.sublanes(dtype))), block_d)
-    return cls(min(8, _next_pow2(t)), min(128, _next_pow2(d)))
+    return cls(min(8, common.next_pow2(t)), min(128, common.next_pow2(d)))
 
   def validate(self, impl: str, dtype) -> None:
     _check_int("block_sizes.block_t", self.block_t)
@@ -99,7 +91,7 @@ class ScanBlockSizes:
       raise ValueError(
           f"block_sizes for pallas_tpu need block_t % {tpu.sublanes(dtype)} "
           f"== 0 and block_d % 128 == 0, got {self}")
-    if impl == "pallas_gpu" and not _is_pow2(self.block_d):
+    if impl == "pallas_gpu" and not common.is_pow2(self.block_d):
       raise ValueError(f"block_sizes.block_d for pallas_gpu must be a power "
                        f"of 2, got {self.block_d}")
 
@@ -130,7 +122,7 @@ class ChunkBlockSizes:
     if _is_tpu(device_kind):
       return cls(v if v <= 512 or v % 128 else
                  next(bv for bv in (512, 256, 128) if v % bv == 0))
-    return cls(min(64, max(16, _next_pow2(v))))
+    return cls(min(64, max(16, common.next_pow2(v))))
 
   def validate(self, impl: str, vdim: int) -> None:
     _check_int("block_sizes.block_v", self.block_v)
@@ -142,8 +134,8 @@ class ChunkBlockSizes:
     if impl == "pallas_tpu" and self.sub_chunk < 8:
       raise ValueError(f"block_sizes.sub_chunk for pallas_tpu must be >= 8, "
                        f"got {self.sub_chunk}")
-    if impl == "pallas_gpu" and not (_is_pow2(self.block_v)
-                                     and _is_pow2(self.sub_chunk)
+    if impl == "pallas_gpu" and not (common.is_pow2(self.block_v)
+                                     and common.is_pow2(self.sub_chunk)
                                      and min(self.block_v, self.sub_chunk) >= 16):
       raise ValueError(f"block_sizes for pallas_gpu need powers of 2 >= 16, "
                        f"got {self}")
@@ -314,7 +306,7 @@ def _check_chunk(chunk_size: Any, impl: str) -> None:
   if impl == "pallas_tpu" and chunk_size % 8:
     raise ValueError(f"chunk_size for pallas_tpu must be a multiple of 8, got "
                      f"{chunk_size}")
-  if impl == "pallas_gpu" and not (_is_pow2(chunk_size) and chunk_size >= 16):
+  if impl == "pallas_gpu" and not (common.is_pow2(chunk_size) and chunk_size >= 16):
     raise ValueError(f"chunk_size for pallas_gpu must be a power of 2 >= 16, "
                      f"got {chunk_size}")
 
@@ -322,7 +314,7 @@ def _check_chunk(chunk_size: Any, impl: str) -> None:
 def _effective_chunk(t: int, chunk_size: int) -> int:
   """The chunk actually used: a short sequence gets a shorter chunk."""
   return chunk_size if t >= chunk_size else min(chunk_size,
-                                                max(16, _next_pow2(t)))
+                                                max(16, common.next_pow2(t)))
 
 
 def _effective_sub(chunk: int, sub_chunk: int, impl: str) -> int:
@@ -368,7 +360,7 @@ def _pad_time(chunk: int, *xs):
 def _pad_dims(plan: _ChunkPlan, kdim: int, vdim: int) -> tuple[int, int]:
   """Padded K and V of the kernels (powers of 2 >= 16 for Triton)."""
   if plan.impl == "pallas_gpu":
-    return max(16, _next_pow2(kdim)), max(plan.block_v, _next_pow2(vdim))
+    return max(16, common.next_pow2(kdim)), max(plan.block_v, common.next_pow2(vdim))
   return kdim, common.round_up(vdim, plan.block_v)
 
 

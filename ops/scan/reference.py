@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ops.common import next_pow2
+
 Array = jax.Array
 
 
@@ -404,7 +406,7 @@ def _scores_halving(q, k, g):
   <= 0) and cropped.
   """
   *lead, c, _ = q.shape
-  cp = 1 << (c - 1).bit_length()
+  cp = next_pow2(c)
   if cp != c:
     widths = [(0, 0)] * len(lead) + [(0, cp - c), (0, 0)]
     q, k = jnp.pad(q, widths), jnp.pad(k, widths)
