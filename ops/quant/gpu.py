@@ -61,6 +61,9 @@ def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
   if packed and (not is_pow2(group_size) or not 16 <= group_size <= 256):
     return (f"group_size={group_size} must be a power of two in [16, 256] for packed "
             "formats on pallas_gpu (one Triton tile per group)")
+  if not packed and group_size != k and group_size % 16:
+    return (f"group_size={group_size} must be a multiple of 16 on pallas_gpu (a power-of-two "
+            "Triton tile >= 16 per step), or equal K (per channel)")
   for name, v in (("block_m", bm), ("block_n", bn), ("block_k", bk)):
     if not (v >= 16 and is_pow2(v)):
       return f"{name}={v} must be a power of two >= 16 (Triton)"

@@ -272,3 +272,16 @@ def test_ragged_calls_cross_lower(name, impl):
   from tests.ops.test_quant_kernels import _export
   make, avals = CROSS[name]
   _export(impl, make(impl), *avals)
+
+
+@pytest.mark.parametrize("fmt,k,gs,msg", [
+    ("int4", 48, 24, r"group_size=24 must be a power of two in \[16, 256\]"),
+    ("int8", 80, 40, r"group_size=40 must be a multiple of 16"),
+])
+def test_quant_gpu_group_that_cannot_tile_is_a_value_error(fmt, k, gs, msg):
+  """Triton tiles are powers of two: a group that no such tile covers cannot
+  be padded (the groups would shift), so pallas_gpu refuses it up front."""
+  qw = quant.quantize(_r((k, 24)), fmt, group_size=gs)
+  with pytest.raises(ValueError, match="impl='pallas_gpu' cannot run this call: " + msg):
+    quant.quantized_matmul(_r((3, k)), qw, impl="pallas_gpu")
+  quant.quantized_matmul(_r((3, k)), qw, impl="xla")  # the reference still runs it
