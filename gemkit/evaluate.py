@@ -46,7 +46,6 @@ calls; it returns a report with every number and the settings that produced it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import pathlib
@@ -107,13 +106,17 @@ class Progress:
 # --- the scoring primitive -------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score_batch(graphdef, state, inputs, targets, segment_ids):
+def score_rows(graphdef, state, inputs, targets, segment_ids):
+  """(log p(target) [B, T] float32, target is the argmax [B, T]) of the forward pass
+  (also lm-eval's scoring, ``gemkit.lm_harness``)."""
   model = nnx.merge(graphdef, state)
   logits = model(inputs, segment_ids).astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return target_logp, jnp.argmax(logits, axis=-1) == targets
+
+
+_score_batch = jax.jit(score_rows, static_argnames=("graphdef",))
 
 
 def score(model: nnx.Module, rows: Sequence[tuple[np.ndarray, np.ndarray]], *,

@@ -87,7 +87,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -102,6 +101,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
+from gemkit import evaluate
 from gemkit import runs
 from gemkit import sample as sample_lib
 from gemkit import sharding
@@ -133,19 +133,12 @@ def bucket_of(length: int, lengths: Sequence[int]) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _scorer(graphdef, rows_sharding):
-  """The jitted :func:`_score_rows` of one model structure and mesh (shared by instances:
+  """The jitted ``evaluate.score_rows`` of one model structure and mesh (shared by instances:
   variants of one architecture reuse its compilations)."""
-  return jax.jit(functools.partial(_score_rows, graphdef),
+  return jax.jit(functools.partial(evaluate.score_rows, graphdef),
                  out_shardings=(rows_sharding, rows_sharding))
 
 
-def _score_rows(graphdef, state, inputs, targets, segment_ids):
-  """(log p(target) [B, T] float32, target is the argmax [B, T]) of the forward pass."""
-  model = nnx.merge(graphdef, state)
-  logits = model(inputs, segment_ids).astype(jnp.float32)
-  logp = jax.nn.log_softmax(logits, axis=-1)
-  target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  return target_logp, jnp.argmax(logits, axis=-1) == targets
 
 
 # --- tokenizer facts HFLM reads from transformers ----------------------------------------
@@ -578,7 +571,11 @@ def default_max_length(pretrained, config) -> int:
 
 
 def allgather_object(obj) -> list:
-  """Every process's ``obj`` (picklable), in process order (every process calls it)."""
+  """Every process's ``obj`` (picklable), in process order (every process calls it).
+
+  lm-eval's ``gather_object`` contract is arbitrary Python objects, so they
+  travel pickled between this job's own processes, as torch.distributed's
+  do; nothing read from disk is ever unpickled."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(pickle.dumps(obj), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray(data.size, np.int64)))
