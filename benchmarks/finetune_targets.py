@@ -12,7 +12,7 @@ with the number it compares and whether it is met:
   qlora_within_2_points_of_lora   QLoRA's exact match at most 2 points below LoRA's
 
 A target whose methods are not in the report is left out. ``--json`` prints
-the same as JSON. The thresholds live here, not in ``gemkit.finetune``: the
+the same as JSON. The thresholds live here, not in ``gemkit.studies.finetune``: the
 library reports what it measured; this script judges it.
 """
 

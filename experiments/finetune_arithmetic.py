@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.lora.rslora = False
 
   c.qlora = ml_collections.ConfigDict()
-  c.qlora.base_format = "nf4"          # gemkit.quantize spec of the frozen base
+  c.qlora.base_format = "nf4"          # gemkit.surgery.quantize spec of the frozen base
 
   c.lr = ml_collections.ConfigDict()   # peak learning rate of each method
   c.lr.full = 2e-3

@@ -5,7 +5,7 @@
 For every modulus x mixer x eigenvalue range, a small linear-RNN stack is
 trained on random bit strings of ``task.train_length`` bits with the running
 count mod k as the target at every position, then scored on the answer for
-fresh strings 2x, 4x and 8x longer (gemkit/state_tracking.py). Sized to run
+fresh strings 2x, 4x and 8x longer (gemkit/studies/state_tracking.py). Sized to run
 the whole grid on 2 CPU cores in under 30 minutes.
 
 Deviations from the paper's setup (they train Mamba and DeltaNet from

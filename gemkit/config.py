@@ -99,7 +99,7 @@ def load(path: str = DEFAULT_CONFIG, *,
   """Loads, overrides and validates a config (the notebook entry point).
 
   ``validator`` as in :func:`flags_parser` (default :func:`validate`, for
-  experiment configs; e.g. ``gemkit.finetune.validate_config``).
+  experiment configs; e.g. ``gemkit.studies.finetune.validate_config``).
 
   >>> cfg = load("experiments/lm_tiny.py", **{"train.steps": 50})
   """

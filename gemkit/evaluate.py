@@ -61,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from gemkit import data as data_lib
+from gemkit import hf
 from gemkit import metrics
 from gemkit.metrics import LN2
 from gemkit import runs
@@ -561,7 +562,6 @@ def load_checkpoint(path: str, step: int | None = None) -> Loaded:
   """The model of a checkpoint (any family, via ``gemkit.runs.load``) and its metadata;
   a Hugging Face model directory is step 0 of itself (no data config: held-out
   tasks need ``heldout.path``)."""
-  from gemkit import hf  # pylint: disable=g-import-not-at-top
   if hf.is_model_dir(path):
     model, config = runs.load(path)
     return Loaded(model, config, pathlib.Path(path), 0, {"model": config.model.to_dict()})

@@ -61,7 +61,7 @@ def forward_flops_per_token(model: nnx.Module, seq_len: int, train: bool = True)
       total += 4 * m.cfg.num_heads * m.cfg.head_dim * attended_keys(m.cfg, seq_len, train)
     elif isinstance(m, linear_rnn._MatrixStateMixer):  # pylint: disable=protected-access
       total += 4 * m.cfg.num_heads * m.cfg.head_dim ** 2
-    elif isinstance(getattr(m, "a", None), nnx.LoRAParam):   # a gemkit.lora.Adapter
+    elif isinstance(getattr(m, "a", None), nnx.LoRAParam):   # a gemkit.surgery.lora.Adapter
       total += 2 * (math.prod(m.a.shape) + math.prod(m.b.shape))
   head = getattr(model, "head", "untied")
   if head is None:                           # tied: logits = x E^T

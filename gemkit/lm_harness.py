@@ -24,8 +24,8 @@ read the ``lm_eval.models`` entry point that pyproject.toml declares.
   the checkpoint's); a run computes in the dtype it records.
 * ``adapter``: a PEFT adapter directory (it has adapter_config.json:
   ``gemkit.hf.load_adapter``) or a gemkit adapter checkpoint
-  (``gemkit.lora.load_adapter``; a QLoRA adapter quantizes its base itself).
-* ``quantize``: a ``gemkit.quantize`` spec (``int8``, ``int4-g128``, ``nf4``, ...):
+  (``gemkit.surgery.lora.load_adapter``; a QLoRA adapter quantizes its base itself).
+* ``quantize``: a ``gemkit.surgery.quantize`` spec (``int8``, ``int4-g128``, ``nf4``, ...):
   every Dense layer but an untied head (``quantize.default_rules``), after the adapter.
 * ``batch_size`` (lm-eval's ``--batch_size``; ``auto`` means 8): rows per forward
   pass and process, rounded up to a multiple of the devices that split the batch.
@@ -102,11 +102,14 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 
 from gemkit import evaluate
+from gemkit import hf
 from gemkit import runs
 from gemkit import sample as sample_lib
 from gemkit import sharding
 from gemkit import tokenizer as tokenizer_lib
 from gemkit.config import ConfigError
+from gemkit.surgery import lora
+from gemkit.surgery import quantize as quantize_lib
 
 log = logging.getLogger("lm_eval.models.gemkit")   # under lm-eval's logger: its handler, level
 
@@ -265,7 +268,6 @@ class GemkitLM(TemplateLM):
     return sharding.make_mesh(ml_collections.ConfigDict(cfg))
 
   def _load(self, pretrained, step, dtype):
-    from gemkit import hf  # pylint: disable=g-import-not-at-top
     if hf.is_model_dir(pretrained):
       model, config, tok = hf.load(pretrained, dtype=dtype, mesh=self.mesh)
       return model, config, tok
@@ -281,21 +283,14 @@ class GemkitLM(TemplateLM):
     if adapter:
       directory = pathlib.Path(adapter)
       if (directory / "adapter_config.json").is_file():
-        from gemkit import hf  # pylint: disable=g-import-not-at-top
-        load_peft = getattr(hf, "load_adapter", None)
-        if load_peft is None:
-          raise ConfigError("adapter", f"{directory} is a PEFT adapter; this gemkit has no "
-                            "gemkit.hf.load_adapter to read it")
-        model = load_peft(model, directory)
+        model = hf.load_adapter(model, directory)
       else:
-        from gemkit import lora  # pylint: disable=g-import-not-at-top
         model = lora.load_adapter(model, directory)
     return model
 
   @staticmethod
   def _quantize(model, quantize):
     if quantize:
-      from gemkit import quantize as quantize_lib  # pylint: disable=g-import-not-at-top
       try:
         model, _ = quantize_lib.quantize_model(model, quantize_lib.default_rules(quantize))
       except ValueError as e:
@@ -555,10 +550,8 @@ def model_dtype(config) -> str | None:
 
 def default_max_length(pretrained, config) -> int:
   """config.json's max_position_embeddings (as HFLM), a run's data.seq_len, else 2048."""
-  from gemkit import hf  # pylint: disable=g-import-not-at-top
   if hf.is_model_dir(pretrained):
-    from gemkit.hf.checkpoint import read_config  # pylint: disable=g-import-not-at-top
-    hf_config = read_config(pretrained)
+    hf_config = hf.checkpoint.read_config(pretrained)
     hf_config = hf_config.get("text_config") or hf_config
     for key in ("n_positions", "max_position_embeddings", "n_ctx"):
       if hf_config.get(key):

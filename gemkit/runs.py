@@ -1,7 +1,14 @@
-"""The plain functions behind the launchers (a notebook calls these directly)."""
+"""Runs on disk: train one, load any, open a model to derive new runs from.
+
+The plain functions behind the launchers (a notebook calls these directly).
+:func:`load` rebuilds every kind of saved run (trained, quantized,
+fine-tuned, a Hugging Face directory) through ``gemkit.surgery`` alone.
+"""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pathlib
 import statistics
@@ -9,12 +16,18 @@ import time
 
 import jax
 import ml_collections
+from flax import nnx
 
+import models
+from gemkit import checkpoint as ckpt_lib
+from gemkit import hf
+from gemkit import metrics
 from gemkit import sample as sample_lib
+from gemkit import tokenizer as tokenizer_lib
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
-from gemkit import metrics
 from gemkit.metrics import format_duration, format_flops
+from gemkit.surgery import finetuned, lora, quantize
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> pathlib.Path:
@@ -88,8 +101,6 @@ def checkpoint_meta(path: str | pathlib.Path, step: int | None = None
   ``path`` as :func:`load`; ``step`` None: the one ``path`` names, else the
   latest. A ConfigError (key ``workdir``) when there is no such checkpoint.
   """
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
   workdir, at = resolve_checkpoint(path)
   step = at if step is None else step
   directory = workdir / "checkpoints"
@@ -114,11 +125,10 @@ def load(path: str | pathlib.Path, step: int | None = None):
   The model is rebuilt from the model config recorded in the checkpoint, so
   it does not depend on the experiment file still being the same. A
   checkpoint written by ``launch.quantize`` records its quantization rules,
-  and the model comes back quantized the same way (``gemkit.quantize``). A
+  and the model comes back quantized the same way (``gemkit.surgery.quantize``). A
   ``launch.finetune`` run comes back as its base with the fine-tuned
-  parameters (quantization and adapters rebuilt: ``gemkit.finetune.load_run``).
+  parameters (quantization and adapters rebuilt: ``gemkit.surgery.finetuned``).
   """
-  from gemkit import hf  # pylint: disable=g-import-not-at-top
   if hf.is_model_dir(path):
     model, config, _ = hf.load(path)
     return model, config
@@ -128,32 +138,23 @@ def load(path: str | pathlib.Path, step: int | None = None):
 def load_tokenizer(path: str | pathlib.Path):
   """The tokenizer of a run (as recorded in it; bytes for runs that record
   none) or of a Hugging Face model directory (its tokenizer.json)."""
-  from gemkit import hf  # pylint: disable=g-import-not-at-top
-  from gemkit import tokenizer  # pylint: disable=g-import-not-at-top
   if hf.is_model_dir(path):
-    return tokenizer.HFTokenizer.from_dir(path)
-  return tokenizer.for_run(resolve_checkpoint(path)[0])
+    return tokenizer_lib.HFTokenizer.from_dir(path)
+  return tokenizer_lib.for_run(resolve_checkpoint(path)[0])
 
 
 def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
   """:func:`load` of the checkpoint whose :func:`checkpoint_meta` is already read."""
-  import ml_collections as mlc  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  import models  # pylint: disable=g-import-not-at-top
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-
-  config = mlc.ConfigDict(json.loads(meta["config"])) if "config" in meta else None
+  config = (ml_collections.ConfigDict(json.loads(meta["config"])) if "config" in meta
+            else None)
   if "finetune" in meta:
-    from gemkit import finetune  # pylint: disable=g-import-not-at-top
-    return finetune.load_run(workdir, step, meta), config
-  model_cfg = mlc.ConfigDict(meta["model"])
+    return _load_finetuned(workdir, step, meta["finetune"]), config
+  model_cfg = ml_collections.ConfigDict(meta["model"])
   quantization = meta.get("quantization")
 
   def build():
     model = models.build(model_cfg, rngs=nnx.Rngs(0))
     if quantization:
-      from gemkit import quantize  # pylint: disable=g-import-not-at-top
       model, _ = quantize.quantize_model(model, quantization["rules"])
     return model
 
@@ -167,3 +168,69 @@ def load_from_meta(workdir: pathlib.Path, step: int, meta: dict):
   model = train_lib.merge_model(graphdef, saved["params"],
                                 frozen if saved.get("frozen") is None else saved["frozen"])
   return model, config
+
+
+def _load_finetuned(workdir: pathlib.Path, step: int, settings: dict) -> nnx.Module:
+  """The model of a fine-tuning run's checkpoint: its base (the run or Hugging Face
+  directory it records, checked by fingerprint), rebuilt by ``surgery.finetuned``,
+  with the trained parameters restored. PiSSA's residual is recomputed from
+  the base (the adapter checkpoint holds its saved factors)."""
+  info = settings["base"]
+  base, _ = load(info["workdir"], info["step"])
+  fingerprint = lora.fingerprint(base)
+  if fingerprint != info["fingerprint"]:
+    raise ConfigError("base.workdir", f"{workdir} was fine-tuned from base {info['fingerprint']}"
+                      f" ({info['workdir']} step {info['step']}), which now has fingerprint "
+                      f"{fingerprint}")
+  model, trainable = finetuned.build(base, fingerprint, settings)
+  graphdef, params, frozen = nnx.split(model, trainable, ...)
+  with ckpt_lib.Checkpointer(workdir / "checkpoints", async_save=False) as checkpointer:
+    restored = checkpointer.restore(step)
+  nnx.replace_by_pure_dict(params, restored["params"])   # orbax keys are strings ("0")
+  return nnx.merge(graphdef, params, frozen)
+
+
+@dataclasses.dataclass
+class Source:
+  """A model to derive runs from (quantized copies, fine-tuning methods), with what
+  evaluating and recording them needs.
+
+  ``path``: the run or Hugging Face directory; ``step``: its checkpoint step
+  (0 for a Hugging Face directory); ``config``: the experiment config (its
+  ``data`` block is what held-out figures are measured on); ``meta``: the
+  checkpoint metadata that derived checkpoints extend; ``tokenizer``: the
+  model's.
+  """
+
+  path: str
+  step: int
+  model: nnx.Module
+  config: ml_collections.ConfigDict
+  meta: dict
+  tokenizer: tokenizer_lib.Tokenizer
+
+
+def load_source(path: str | pathlib.Path, step: int | None = None,
+                run_config: ml_collections.ConfigDict | None = None) -> Source:
+  """The :class:`Source` at ``path``: a run's checkpoint (``step``, default the latest)
+  or a Hugging Face model directory.
+
+  ``run_config`` (with a Hugging Face directory): the experiment config whose
+  ``data`` the model is evaluated on, its ``model`` block resolved against
+  the directory (``model.init_from``; run keys such as dtypes kept).
+  """
+  if hf.is_model_dir(path):
+    config = copy.deepcopy(run_config) if run_config is not None else None
+    if config is None:
+      model, config, tokenizer = hf.load(path)
+    else:
+      with config.unlocked():
+        config.model = hf.resolve_model_config({**config.model, "init_from": str(path)})
+      model, tokenizer = hf.load_weights(config.model, path), load_tokenizer(path)
+    meta = {"model": config.model.to_dict(), "config": config.to_json_best_effort()}
+    return Source(str(path), 0, model, config, meta, tokenizer)
+  workdir, step, meta = checkpoint_meta(path, step)
+  model, config = load_from_meta(workdir, step, meta)
+  if config is None:
+    raise ConfigError("workdir", f"{workdir}: the checkpoint records no config")
+  return Source(str(workdir), step, model, config, meta, load_tokenizer(workdir))

@@ -20,7 +20,7 @@ without saving, so the last checkpoint is the last good one.
 ``Trainer`` is the loop ``launch.train`` runs and notebooks drive:
 ``Trainer(config, workdir).run(steps=100)`` trains 100 more steps (resuming
 from the workdir's last checkpoint, if any) and returns the logged metrics.
-Fine-tuning (``gemkit.finetune``) runs the same loop and step: it passes a
+Fine-tuning (``gemkit.studies.finetune``) runs the same loop and step: it passes a
 ``model_fn`` (a trained base, maybe quantized, with LoRA adapters), a
 ``trainable`` filter (``nnx.LoRAParam``) and the task's ``data``.
 On several processes (TPU pod workers, SLURM tasks) every process runs the
@@ -54,6 +54,7 @@ import models
 from gemkit import checkpoint as ckpt_lib
 from gemkit import data as data_lib
 from gemkit import flops as flops_lib
+from gemkit import hf
 from gemkit import metrics as metrics_lib
 from gemkit import optim
 from gemkit import sharding as sharding_lib
@@ -240,7 +241,7 @@ class Trainer:
       object with ``fingerprint`` (str), ``train_dataset(batch_size, seed,
       process_index, process_count)`` (a Grain dataset of [B, T] batch
       dicts, its iterator checkpointable) and ``eval_batches(batch_size,
-      max_rows)`` (e.g. ``gemkit.finetune.TaskData``).
+      max_rows)`` (e.g. ``gemkit.studies.finetune.TaskData``).
     meta: extra checkpoint metadata (JSON); must be equal to resume.
     tokenizer: encodes the corpus and counts the bytes of bits-per-byte
       (``gemkit.tokenizer``; default the byte tokenizer, or with
@@ -299,7 +300,6 @@ class Trainer:
     """For ``model.init_from`` (a Hugging Face directory): sets ``config.model`` to
     the directory's architecture (``gemkit.hf.resolve_model_config``) and returns
     the loader of its weights, placed on this run's mesh."""
-    from gemkit import hf  # pylint: disable=g-import-not-at-top
     with config.unlocked():
       config.model = hf.resolve_model_config(config.model)
     validate(config)

@@ -27,7 +27,8 @@ from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import metrics
-from gemkit import finetune
+from gemkit import runs
+from gemkit.studies import finetune
 
 _CONFIG = config_lib.define_config_flag("experiments/finetune_arithmetic.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config.name>).")
@@ -41,7 +42,8 @@ _EXPORT_PEFT = flags.DEFINE_string(
 def _run():
   cfg = _CONFIG.value
   workdir = pathlib.Path(_WORKDIR.value or pathlib.Path("runs") / cfg.name)
-  report = finetune.run_seeds(cfg, workdir, overwrite=_OVERWRITE.value,
+  base = finetune.Base(runs.load_source(*finetune.base_path(cfg)))
+  report = finetune.run_seeds(cfg, base, workdir, overwrite=_OVERWRITE.value,
                               log=lambda line: print(line, flush=True),
                               export_peft=_EXPORT_PEFT.value or None)
   path = metrics.write_json(report, _JSON.value or workdir / "finetune.json")

@@ -11,14 +11,15 @@ and is saved as a run directory <out_dir>/<format> (default out_dir:
 <workdir>_quant) that launch.generate, launch.evaluate and gemkit.load read.
 Prints per format: bytes of the Dense weights (and x of bf16), checkpoint bytes
 on disk, held-out bits-per-byte and its change vs float; writes it as JSON.
-Format specs: gemkit/quantize.py.
+Format specs: gemkit/surgery/quantize.py.
 """
 
 from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import metrics
-from gemkit import quantize
+from gemkit import runs
+from gemkit.studies import quantize
 
 _CONFIG = config_lib.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", "runs/lm_tiny", "Trained run directory to quantize "
@@ -45,10 +46,10 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output chec
 def _run():
   init_from = _CONFIG.value.model.get("init_from")
   out_dir = _OUT_DIR.value or (f"runs/{_CONFIG.value.name}_hf_quant" if init_from else None)
+  source = runs.load_source(init_from or _WORKDIR.value, _STEP.value,
+                            run_config=_CONFIG.value if init_from else None)
   result = quantize.quantize_run(
-      init_from or _WORKDIR.value, _FORMATS.value, out_dir=out_dir, step=_STEP.value,
-      run_config=_CONFIG.value if init_from else None,
-      keep_float=_KEEP_FLOAT.value, eval_windows=_EVAL_WINDOWS.value,
+      source, _FORMATS.value, out_dir=out_dir, keep_float=_KEEP_FLOAT.value, eval_windows=_EVAL_WINDOWS.value,
       batch_size=_BATCH.value, impl=_IMPL.value, save=_SAVE.value,
       overwrite=_OVERWRITE.value,
       log=lambda line: print(line, flush=True))

@@ -19,7 +19,7 @@ from absl import flags
 
 from gemkit import config as config_lib
 from gemkit import metrics
-from gemkit import state_tracking
+from gemkit.studies import state_tracking
 
 _CONFIG = config_lib.define_config_flag("experiments/state_tracking.py")
 _OUTPUT = flags.DEFINE_string("output", None,

@@ -25,9 +25,11 @@ import numpy as np
 from flax import nnx
 
 import models
+from models import layers, transformer
 from gemkit import sharding as sharding_lib
 from gemkit import tokenizer as tokenizer_lib
 from gemkit.hf import architectures
+from gemkit.surgery import lora
 from gemkit.hf.checkpoint import (HFError, TensorReader, model_dir, read_config,
                                   write_json, write_tensors)
 
@@ -81,7 +83,6 @@ def resolve_model_config(model_cfg: Mapping[str, Any]) -> ml_collections.ConfigD
     if key in model_cfg and key in imported:
       out[key] = model_cfg[key]
   if model_cfg.get("attention", "dense") != "dense" and out["family"] == "transformer":
-    from models import transformer  # pylint: disable=g-import-not-at-top
     out.update({k: model_cfg[k] for k in transformer.PATTERN_FIELDS if k in model_cfg})
   return ml_collections.ConfigDict(out)
 
@@ -228,8 +229,6 @@ def load(path: str | pathlib.Path, *, dtype: str | None = None,
 
 def _float_model(model: nnx.Module) -> nnx.Module:
   """``model`` with LoRA/DoRA adapters merged (a copy); quantized layers refused."""
-  from gemkit import lora  # pylint: disable=g-import-not-at-top
-  from models import layers  # pylint: disable=g-import-not-at-top
   for path, m in nnx.iter_modules(model):
     if isinstance(m, layers.Dense) and m.is_quantized:
       raise ValueError(f"{'.'.join(map(str, path))} is quantized ({m.quant_layout[0]}): "

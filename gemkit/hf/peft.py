@@ -73,7 +73,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: bf16 adapters re
 import numpy as np
 from flax import nnx
 
-from gemkit import lora
+from gemkit.surgery import lora
 from gemkit.hf import architectures
 from gemkit.hf.checkpoint import HFError, is_model_dir, read_config, read_json
 
@@ -174,7 +174,7 @@ def _natural(name: str):
 def _adapter_name(model: nnx.Module, name: str | None) -> str:
   names = lora.adapter_names(model)
   if not names:
-    raise HFError("model", "has no LoRA adapters (gemkit.lora.apply_lora adds them)")
+    raise HFError("model", "has no LoRA adapters (gemkit.surgery.lora.apply_lora adds them)")
   if name is not None:
     if name not in names:
       raise HFError("name", f"no adapter named {name!r}; adapters: {names}")
@@ -208,7 +208,7 @@ def save_adapter(model: nnx.Module, out_dir: str | pathlib.Path, *, name: str | 
   the float base (module docstring).
 
   Args:
-    model: a gemkit model with LoRA adapters (``gemkit.lora.apply_lora``), float
+    model: a gemkit model with LoRA adapters (``gemkit.surgery.lora.apply_lora``), float
       or quantized base, of an architecture ``gemkit.hf`` maps.
     out_dir: created if missing; existing adapter files are replaced.
     name: the adapter (default: the active one, or the only one).
@@ -404,7 +404,7 @@ def load_adapter(model: nnx.Module, peft_dir: str | pathlib.Path, *, name: str =
 
   ``peft_dir`` holds ``adapter_config.json`` and ``adapter_model.safetensors``
   (a pickled ``adapter_model.bin`` is refused). The Dense layers of the
-  modules the adapter holds tensors for are wrapped by ``gemkit.lora``
+  modules the adapter holds tensors for are wrapped by ``gemkit.surgery.lora``
   (``apply_lora``: one rule per module with its rank and alpha from ``r`` /
   ``rank_pattern`` and ``lora_alpha`` / ``alpha_pattern``; ``use_rslora``,
   ``use_dora``, ``lora_dropout``) and their ``a``, ``b`` (and DoRA

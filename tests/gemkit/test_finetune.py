@@ -12,7 +12,9 @@ from flax import nnx
 
 from benchmarks import finetune_targets
 from gemkit import config as config_lib
-from gemkit import finetune, lora, quantize, runs, train
+from gemkit import runs, train
+from gemkit.surgery import lora, paths, quantize
+from gemkit.studies import finetune
 from gemkit.config import ConfigError
 from tests.helpers import tiny_config
 
@@ -76,7 +78,7 @@ def test_finetuned_runs_and_adapters_load_to_the_same_model(finetuned):
     assert config.train.steps == 3
     from_adapter = lora.load_adapter(nnx.clone(base), tmp / "ft" / method / "adapter")
     assert lora.adapter_names(from_adapter) == [method]
-    quantized = [d.is_quantized for _, d in quantize.dense_layers(from_adapter)]
+    quantized = [d.is_quantized for _, d in paths.dense_layers(from_adapter)]
     assert all(quantized) == (method == "qlora") and any(quantized) == (method == "qlora")
     np.testing.assert_array_equal(logits(from_run, TOKENS), logits(from_adapter, TOKENS))
   full, _ = runs.load(tmp / "ft" / "full")
@@ -126,7 +128,8 @@ def test_seeds_are_summarised_by_their_mean_and_spread(finetuned, tmp_path):
   cfg = config_lib.load_file("experiments/finetune_arithmetic.py")
   cfg.update_from_flattened_dict({**TINY_FT, "methods": "full,lora", "seed": 5, "seeds": 2,
                                   "base.workdir": str(tmp / "base")})
-  report = finetune.run_seeds(cfg, tmp_path, log=lambda _: None)
+  base = finetune.Base(runs.load_source(*finetune.base_path(cfg)))
+  report = finetune.run_seeds(cfg, base, tmp_path, log=lambda _: None)
   per = report["runs"]
   assert report["seeds"] == [r["config"]["seed"] for r in per] == [5, 6]
   assert per[0]["task"]["fingerprint"] != per[1]["task"]["fingerprint"]   # own draws

@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 import models
-from gemkit import flops, lora, metrics, train
+from gemkit import flops, metrics, train
+from gemkit.surgery import lora
 from models import transformer
 from tests.helpers import tiny_config
 

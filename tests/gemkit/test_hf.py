@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 import gemkit  # pylint: disable=g-import-not-at-top,wrong-import-position
-from gemkit import hf, lora, quantize, sample  # pylint: disable=wrong-import-position
+from gemkit import hf, sample  # pylint: disable=wrong-import-position
+from gemkit.surgery import lora, quantize
 from gemkit import tokenizer as tokenizer_lib  # pylint: disable=wrong-import-position
 
 from tests.hf_models import (ARCHS, EOS, TEXTS, VOCAB,  # pylint: disable=wrong-import-position

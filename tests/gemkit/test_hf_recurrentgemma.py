@@ -26,6 +26,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gemkit import hf  # pylint: disable=wrong-import-position
+from gemkit.surgery import quantize  # pylint: disable=wrong-import-position
 from gemkit.hf import architectures, convert  # pylint: disable=wrong-import-position
 from models import griffin  # pylint: disable=wrong-import-position
 
@@ -230,7 +231,6 @@ def test_export_refuses_what_recurrentgemma_cannot_express(tmp_path):
 
 
 def test_int4_quantized_copy_runs_and_stays_close(checkpoints):
-  from gemkit import quantize  # pylint: disable=g-import-not-at-top
   d, ref_model = checkpoints["gqa_tied"]
   model, _ = _load(d)
   ids = _ids(2, 17, seed=5)

@@ -17,7 +17,9 @@ import pytest
 
 import gemkit
 from gemkit import config as config_lib
-from gemkit import metrics, quantize, train
+from gemkit import metrics, runs, train
+from gemkit.surgery import paths, quantize
+from gemkit.studies import quantize as quantize_study
 from tests.helpers import TINY, latest_params, tiny_config, write_corpus
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -76,10 +78,11 @@ def test_load_from_run_dir_and_checkpoint_paths(tmp_path):
     gemkit.load(run / "checkpoints" / "3")
 
   # A quantized run directory (launch.quantize's) comes back quantized, same logits.
-  quantize.quantize_run(run, ["int8"], eval_windows=1, log=lambda line: None)
+  quantize_study.quantize_run(runs.load_source(run), ["int8"], eval_windows=1,
+                              log=lambda line: None)
   loaded, _ = gemkit.load(tmp_path / "run_quant" / "int8")
   expected, _ = quantize.quantize_model(trainer.model(), quantize.default_rules("int8"))
-  assert any(d.is_quantized for _, d in quantize.dense_layers(loaded))
+  assert any(d.is_quantized for _, d in paths.dense_layers(loaded))
   np.testing.assert_array_equal(loaded(TOKENS), expected(TOKENS))
 
 

@@ -45,7 +45,8 @@ from lm_eval.api.instance import Instance  # noqa: E402  pylint: disable=wrong-i
 from lm_eval.models.huggingface import HFLM  # noqa: E402  pylint: disable=wrong-import-position
 
 # pylint: disable=wrong-import-position
-from gemkit import evaluate, hf, lm_harness, lora, quantize  # noqa: E402
+from gemkit import evaluate, hf, lm_harness  # noqa: E402
+from gemkit.surgery import lora, quantize  # noqa: E402
 from tests.hf_models import save_tiny_hf  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""gemkit.lora: exact starts, frozen bases, merge/unmerge, adapter checkpoints, QLoRA gradients."""
+"""gemkit.surgery.lora: exact starts, frozen bases, merge/unmerge, adapter checkpoints, QLoRA gradients."""
 
 import chex
 import jax
@@ -8,7 +8,9 @@ import pytest
 from flax import nnx
 
 import models
-from gemkit import data, finetune, lora, quantize, train
+from gemkit import data, train
+from gemkit.surgery import lora, paths, quantize
+from gemkit.studies import finetune
 from gemkit.config import ConfigError
 from ops import quant
 from tests.helpers import tiny_config
@@ -35,7 +37,7 @@ def _perturb(model, seed=3):
 
 
 def _kernels(model):
-  return {p: np.asarray(d.kernel[...]) for p, d in quantize.dense_layers(model)}
+  return {p: np.asarray(d.kernel[...]) for p, d in paths.dense_layers(model)}
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -106,7 +108,7 @@ def test_merge_then_forward_equals_unmerged_and_unmerge_restores(dora):
 def _quantized_and_dequantized(rule):
   q, _ = quantize.quantize_model(_base(), quantize.default_rules("nf4-g32"))
   f = nnx.clone(q)
-  for _, d in quantize.dense_layers(f):            # the same weights, held in float
+  for _, d in paths.dense_layers(f):            # the same weights, held in float
     w = quant.dequantize(d.quantized_weight())
     d.quantized, d.kernel = None, nnx.data(nnx.Param(w))
   return _perturb(lora.apply_lora(q, rule)), _perturb(lora.apply_lora(f, rule))

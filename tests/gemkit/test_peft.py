@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import gemkit  # pylint: disable=wrong-import-position
-from gemkit import lora, quantize  # pylint: disable=wrong-import-position
+from gemkit.surgery import lora, paths, quantize  # pylint: disable=wrong-import-position
 from gemkit.hf import HFError  # pylint: disable=wrong-import-position
 from ops import quant  # pylint: disable=wrong-import-position
 from tests.hf_models import COMMON, VOCAB, save_tiny_hf  # pylint: disable=wrong-import-position
@@ -108,7 +108,7 @@ def test_partial_layers_and_qlora(llama, tmp_path):
   qmodel, _ = quantize.quantize_model(nnx.clone(base), quantize.default_rules("nf4-g32"))
   names = gemkit.hf.peft.module_names(qmodel)
   dequantized = {names[p]: np.asarray(quant.dequantize(m.quantized_weight(), jnp.float32)).T
-                 for p, m in quantize.dense_layers(qmodel) if m.is_quantized}
+                 for p, m in paths.dense_layers(qmodel) if m.is_quantized}
   lora.apply_lora(qmodel, {"targets": r"blocks/1/attn/(q|o)_proj", "rank": 4, "alpha": 8},
                   base_fingerprint=lora.fingerprint(base))
   _randomize(qmodel)

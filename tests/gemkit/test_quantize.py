@@ -1,4 +1,4 @@
-"""gemkit.quantize: format specs, regex rules over module paths, quantized logits vs
+"""gemkit.surgery.quantize: format specs, regex rules over module paths, quantized logits vs
 float, the int4 storage target, training through a quantized base, and
 launch.quantize end to end (quantized run dirs that gemkit.load and sampling read)."""
 
@@ -16,7 +16,9 @@ from flax import nnx
 
 import gemkit
 import models
-from gemkit import quantize, runs, sample, train
+from gemkit import runs, sample, train
+from gemkit.surgery import paths, quantize
+from gemkit.studies import quantize as quantize_study
 from gemkit.config import ConfigError
 from models import layers
 from tests.helpers import tiny_config
@@ -80,16 +82,16 @@ def test_rules_select_layers_by_full_regex_match_first_rule_wins():
   with pytest.raises(ValueError, match=r"\['blocks/0/attn/v'\] matched no Dense layer"):
     quantize.quantize_model(model, rules)
   q, report = quantize.quantize_model(model, rules[:3])
-  got = {p: d.quant_layout[0] for p, d in quantize.dense_layers(q) if d.is_quantized}
+  got = {p: d.quant_layout[0] for p, d in paths.dense_layers(q) if d.is_quantized}
   assert got == {"blocks/0/attn/q_proj": "int8", "blocks/0/attn/k_proj": "int8",
                  "blocks/0/mlp/gate_proj": "nf4", "blocks/0/mlp/up_proj": "nf4",
                  "blocks/0/mlp/down_proj": "nf4"}
   assert sorted(r.path for r in report) == sorted(got)
-  assert all(not d.is_quantized for _, d in quantize.dense_layers(model))  # input untouched
+  assert all(not d.is_quantized for _, d in paths.dense_layers(model))  # input untouched
   assert "blocks/0/mlp/down_proj" in quantize.format_layers(report)
   # A dict works too; the (absent) untied head is kept float by default_rules.
   q2, _ = quantize.quantize_model(model, dict(quantize.default_rules("int8")))
-  assert all(d.is_quantized for _, d in quantize.dense_layers(q2))
+  assert all(d.is_quantized for _, d in paths.dense_layers(q2))
 
 
 def test_rule_errors_name_the_layer():
@@ -124,7 +126,7 @@ def test_quantized_model_logits_close_to_float_per_format():
 
 def test_int4_g128_storage_is_at_most_0_27x_bf16_on_a_model():
   q, report = quantize.quantize_model(_model(**WIDE), quantize.default_rules("int4-g128"))
-  stored = sum(d.quantized_weight().nbytes for _, d in quantize.dense_layers(q))
+  stored = sum(d.quantized_weight().nbytes for _, d in paths.dense_layers(q))
   bf16 = sum(2 * r.shape[0] * r.shape[1] for r in report)
   assert len(report) == 14 and stored == sum(r.quant_bytes for r in report)
   assert stored / bf16 <= 0.27, stored / bf16
@@ -225,24 +227,25 @@ def test_launch_prints_table_writes_json_and_quantized_run_dirs(quantized):
   assert rows["int4-g32-asym"]["dense_vs_bf16"] < 0.35 < rows["w8a8-llm.int8"]["dense_vs_bf16"]
   # The loaded quantized run scores exactly what the launcher reported.
   model, config = runs.load(tmp / "run_quant" / "int4-g32-asym")
-  assert sum(d.is_quantized for _, d in quantize.dense_layers(model)) == 14
-  ev = quantize.heldout_bpb(model, config, max_windows=4)
+  assert sum(d.is_quantized for _, d in paths.dense_layers(model)) == 14
+  ev = quantize_study.heldout_bpb(model, config, max_windows=4)
   assert ev["bpb"] == pytest.approx(rows["int4-g32-asym"]["heldout_bpb"], rel=1e-6)
 
 
 def test_quantized_checkpoint_round_trip_gives_identical_logits_and_samples(quantized):
   tmp, _ = quantized
-  result = quantize.quantize_run(tmp / "run", [("mixed", MIXED)], out_dir=tmp / "mixed",
-                                 eval_windows=1, log=lambda _: None)
+  result = quantize_study.quantize_run(runs.load_source(tmp / "run"), [("mixed", MIXED)],
+                                       out_dir=tmp / "mixed", eval_windows=1,
+                                       log=lambda _: None)
   assert result["rows"][1]["quantized_layers"] == "13/14"
   float_model, _ = runs.load(tmp / "run")
   expected, _ = quantize.quantize_model(float_model, MIXED)
   loaded, config = gemkit.load(tmp / "mixed" / "mixed")
   assert config is not None
   fmts = {p: d.quant_layout[0] if d.is_quantized else None
-          for p, d in quantize.dense_layers(loaded)}
+          for p, d in paths.dense_layers(loaded)}
   assert fmts == {p: d.quant_layout[0] if d.is_quantized else None
-                  for p, d in quantize.dense_layers(expected)}
+                  for p, d in paths.dense_layers(expected)}
   assert fmts["blocks/0/attn/o_proj"] is None and fmts["blocks/1/mlp/up_proj"] == "fp8"
   logits = nnx.jit(lambda m, t: m(t))   # one compilation: both have the same graph
   np.testing.assert_array_equal(np.asarray(logits(loaded, _tokens())),
@@ -259,7 +262,7 @@ def test_launch_errors_are_one_line(quantized):
   assert out.returncode == 2 and len(lines) == 1, out.stderr[-2000:]
   assert "config error: formats: spec 'int4-g7x': unknown option 'g7x'" in lines[0]
   with pytest.raises(ConfigError, match="out_dir: .*already holds checkpoints"):
-    quantize.quantize_run(tmp / "run", ["int8"])   # would overwrite run_quant
+    quantize_study.quantize_run(runs.load_source(tmp / "run"), ["int8"])   # run_quant exists
   # A format that does not fit a layer is refused before any evaluation.
   with pytest.raises(ConfigError, match=r"int4-g128: blocks/0/attn/k_proj \[64, 32\]"):
-    quantize.quantize_run(tmp / "run", ["int4-g128"], save=False)
+    quantize_study.quantize_run(runs.load_source(tmp / "run"), ["int4-g128"], save=False)

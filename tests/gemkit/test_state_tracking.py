@@ -1,4 +1,4 @@
-"""The state-tracking grid (gemkit.state_tracking, launch.state_tracking): config
+"""The state-tracking grid (gemkit.studies.state_tracking, launch.state_tracking): config
 errors name the key, a tiny grid gives well-formed rows and a table, the
 launcher fails in one line and writes its JSON."""
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gemkit import config as config_lib
-from gemkit import state_tracking
+from gemkit.studies import state_tracking
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = {"train.steps": 2, "train.log_every": 1, "train.warmup_steps": 1,

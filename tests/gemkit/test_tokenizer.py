@@ -20,7 +20,8 @@ import pytest
 from flax import nnx
 
 import models
-from gemkit import data, evaluate, finetune, sample, synthetic, train
+from gemkit import data, evaluate, sample, synthetic, train
+from gemkit.studies import finetune
 from gemkit import tokenizer as tokenizer_lib
 from gemkit.config import ConfigError
 from tests.helpers import tiny_config

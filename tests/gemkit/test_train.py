@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 import models
-from gemkit import lora, optim, train
+from gemkit import optim, train
+from gemkit.surgery import lora
 from tests.helpers import tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -24,8 +24,8 @@ gives it one named :class:`Adapter`. For a Dense ``y = x W (+ b)``,
   Outputs at step 0 equal the base's up to float rounding. A0 and B0 are
   kept (frozen) so an adapter checkpoint can rebuild ``W_res`` from the
   original base. Exact SVD (the paper's fast randomized SVD is not used);
-  float bases only: for QPiSSA apply PiSSA first, then ``gemkit.quantize``
-  the model (it quantizes the residual).
+  float bases only: for QPiSSA apply PiSSA first, then quantize
+  the model (``gemkit.surgery.quantize``) (it quantizes the residual).
 * DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"):
   ``W' = m * V / ||V||_c`` with ``V = W + s A B``, ``||.||_c`` the norm of
   each output unit's weights (over ``in``: the paper's column norm of its
@@ -42,7 +42,7 @@ gives it one named :class:`Adapter`. For a Dense ``y = x W (+ b)``,
   starts bit for bit equal, however the compiler rewrites the division.
 * QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized
   LLMs"): the base Dense held as ``ops.quant`` nf4 / int4 weights
-  (``gemkit.quantize``) and float adapters; the gradient reaches x (hence the
+  (``gemkit.surgery.quantize``) and float adapters; the gradient reaches x (hence the
   adapters of earlier layers) through ``quantized_matmul``'s custom VJP
   ``dx = g dequant(W)^T``.
 
@@ -60,7 +60,7 @@ trained on (:func:`fingerprint`: the model config and every base array), so
 loading it onto another base is a one-line error.
 
 Module paths are the attribute paths of the model joined by ``/``
-(``blocks/0/attn/q_proj``) as in ``gemkit.quantize``; a rule's regex must
+(``blocks/0/attn/q_proj``, ``gemkit.surgery.paths``); a rule's regex must
 match a whole path (``re.fullmatch``), written with ``/`` or, PEFT-style,
 ``.`` separators (``.*attn\\.(q|k|v|o)_proj``). ``"all-linear"`` is every
 Dense but an untied LM head (``head``), as PEFT's option of that name.
@@ -81,7 +81,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gemkit import checkpoint as ckpt_lib
 from gemkit.config import ConfigError
+from gemkit.surgery import paths, quantize
 from models import layers
 from ops import quant
 
@@ -323,42 +325,23 @@ class LoRADense(nnx.Module):
 # --- surgery ----------------------------------------------------------------------------
 
 
-def _path(path: Sequence[Any]) -> str:
-  return "/".join(map(str, path))
-
-
 def _targets(model: nnx.Module) -> list[tuple[tuple, layers.Dense | LoRADense]]:
   found = []
   for path, m in nnx.iter_modules(model):
     if isinstance(m, LoRADense) or (isinstance(m, layers.Dense) and not (
-        path and path[-1] == "base" and isinstance(_get(model, path[:-1]), LoRADense))):
+        path and path[-1] == "base" and isinstance(paths.get(model, path[:-1]), LoRADense))):
       found.append((tuple(path), m))
   return found
 
 
 def targets(model: nnx.Module) -> list[tuple[str, layers.Dense | LoRADense]]:
   """(path, module) of every adaptable layer: LoRADense wrappers and bare Dense layers."""
-  return [(_path(p), m) for p, m in _targets(model)]
+  return [(paths.join(p), m) for p, m in _targets(model)]
 
 
 def wrappers(model: nnx.Module) -> list[tuple[str, LoRADense]]:
   """(path, LoRADense) of every wrapped layer."""
   return [(p, m) for p, m in targets(model) if isinstance(m, LoRADense)]
-
-
-def _get(model, path):
-  node = model
-  for key in path:
-    node = node[key] if isinstance(key, int) or isinstance(node, nnx.Dict) else getattr(node, key)
-  return node
-
-
-def _set(model, path, value) -> None:
-  parent, key = _get(model, path[:-1]), path[-1]
-  if isinstance(key, int) or isinstance(parent, nnx.Dict):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
 
 
 def _check_name(name: str) -> None:
@@ -385,7 +368,7 @@ def _check_layer(path: str, module, rule: LoRARule, name: str) -> None:
                        f"it cannot share the layer (adapters {list(module.adapters)})")
   if rule.init == "pissa" and base.is_quantized:
     raise ValueError(f"{where}: PiSSA needs a float base (it replaces W by its residual): "
-                     "apply it before quantizing; gemkit.quantize then quantizes the residual")
+                     "apply it before quantizing; gemkit.surgery.quantize then quantizes the residual")
 
 
 def apply_lora(model: nnx.Module, rules: RuleLike | Sequence[RuleLike], *,
@@ -410,19 +393,12 @@ def apply_lora(model: nnx.Module, rules: RuleLike | Sequence[RuleLike], *,
   """
   _check_name(name)
   parsed = parse_rules(rules)
-  layers_ = _targets(model)
-  plan, used = [], set()
-  for path, module in layers_:
-    i = next((j for j, r in enumerate(parsed) if r.matches(_path(path))), None)
-    if i is not None:
-      used.add(i)
-      _check_layer(_path(path), module, parsed[i], name)
-      plan.append((path, module, parsed[i]))
-  idle = [parsed[i].targets for i in range(len(parsed)) if i not in used]
-  if idle:
-    paths = [_path(p) for p, _ in layers_]
-    raise ValueError(f"LoRA rule(s) {idle} matched no Dense layer; the Dense paths are "
-                     f"{paths[:6]}{' ...' if len(paths) > 6 else ''}")
+  found = _targets(model)
+  chosen = paths.select([paths.join(p) for p, _ in found], [r.matches for r in parsed],
+                        names=[r.targets for r in parsed], what="LoRA")
+  plan = [(path, module, parsed[i]) for (path, module), i in zip(found, chosen) if i is not None]
+  for path, module, rule in plan:
+    _check_layer(paths.join(path), module, rule, name)
   if base_fingerprint is None:
     known = {w.base_fingerprint for _, w in wrappers(model)}
     base_fingerprint = known.pop() if len(known) == 1 else fingerprint(model)
@@ -439,7 +415,7 @@ def apply_lora(model: nnx.Module, rules: RuleLike | Sequence[RuleLike], *,
     if activate:
       wrapper.active = name
     if wrapper is not module:
-      _set(model, path, wrapper)
+      paths.put(model, path, wrapper)
   return model
 
 
@@ -476,7 +452,7 @@ def count(model: nnx.Module, name: str | None = None) -> tuple[int, int]:
   (:class:`AdapterState`) are buffers, not counted.
   """
   size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-  quantized = sum(int(np.prod(d.quant_layout[1])) for _, d in _dense_layers(model)
+  quantized = sum(int(np.prod(d.quant_layout[1])) for _, d in paths.dense_layers(model)
                   if d.is_quantized)
   return size(nnx.state(model, trainable(name))), size(nnx.state(model, nnx.Param)) + quantized
 
@@ -538,7 +514,7 @@ def unwrap(model: nnx.Module) -> nnx.Module:
   """
   for path, w in _targets(model):
     if isinstance(w, LoRADense):
-      _set(model, path, w.base)
+      paths.put(model, path, w.base)
   return model
 
 
@@ -559,13 +535,13 @@ def fingerprint(model: nnx.Module) -> str:
   cfg = getattr(model, "cfg", None)
   if dataclasses.is_dataclass(cfg):
     digest.update(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode())
-  flat = sorted(nnx.to_flat_state(nnx.state(model)), key=lambda kv: _path(kv[0]))
+  flat = sorted(nnx.to_flat_state(nnx.state(model)), key=lambda kv: paths.join(kv[0]))
   for path, var in flat:
     value = var[...] if isinstance(var, nnx.Variable) else var
     if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
       value = jax.random.key_data(value)
     value = np.asarray(jax.device_get(value))
-    digest.update(f"{_path(path)}:{value.dtype}:{value.shape};".encode())
+    digest.update(f"{paths.join(path)}:{value.dtype}:{value.shape};".encode())
     digest.update(np.ascontiguousarray(value).tobytes())
   return digest.hexdigest()[:16]
 
@@ -613,7 +589,6 @@ def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
   :func:`fingerprint` and ``base_info`` (e.g. the base run directory, step
   and quantization rules), which :func:`load_adapter` checks.
   """
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   names = adapter_names(model)
   name = name or (names[0] if len(names) == 1 else None)
   if name is None:
@@ -632,7 +607,6 @@ def save_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
 
 
 def read_adapter_meta(directory: str | pathlib.Path, step: int | None = None) -> tuple[int, dict]:
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   if not directory.is_dir():
     raise ConfigError("adapter", f"no adapter checkpoint at {directory}")
@@ -677,13 +651,11 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
   ``model`` is the float base, it is quantized the same way first (a new
   model is returned then).
   """
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(directory)
   step, meta = read_adapter_meta(directory, step)
   check_base(model, meta, str(directory))
   rules_json = (meta["base"].get("quantization") or {}).get("rules")
-  if rules_json and not any(d.is_quantized for _, d in _dense_layers(model)):
-    from gemkit import quantize  # pylint: disable=g-import-not-at-top
+  if rules_json and not any(d.is_quantized for _, d in paths.dense_layers(model)):
     fp = fingerprint(model)
     model, _ = quantize.quantize_model(model, rules_json)
   else:
@@ -706,7 +678,3 @@ def load_adapter(model: nnx.Module, directory: str | pathlib.Path, *, name: str 
       principal = adapter.scaling * jnp.dot(adapter.principal_a[...], adapter.principal_b[...])
       kernel[...] = (kernel[...].astype(jnp.float32) - principal).astype(kernel.dtype)
   return model
-
-
-def _dense_layers(model: nnx.Module):
-  return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, layers.Dense)]

@@ -6,7 +6,8 @@ A fine-tuning config (``experiments/finetune_*.py``) names the base run
 (``base.workdir``, a ``launch.train`` run directory), a task the base was not
 trained on and the methods to run. Every method trains with
 ``gemkit.train.Trainer`` (the pre-training loop and jitted step) from the
-base checkpoint, on the same data for the same steps:
+base checkpoint, on the same data for the same steps. The launcher opens the
+base (``Base(runs.load_source(*base_path(cfg)))``) and hands it to :func:`run`:
 
 =========  ==================================================================
 ``full``   every base parameter trains (``nnx.Param``)
@@ -40,7 +41,7 @@ peak bytes in use where the backend reports them (CPU does not) and the
 median step time. ``<workdir>/<method>/`` is each method's Trainer run
 directory (``gemkit.runs.load`` rebuilds its model) and, for adapter
 methods, ``<workdir>/<method>/adapter/`` the adapter alone
-(``gemkit.lora.load_adapter``).
+(``gemkit.surgery.lora.load_adapter``).
 """
 
 from __future__ import annotations
@@ -60,13 +61,14 @@ import numpy as np
 from flax import nnx
 
 from gemkit import data as data_lib
-from gemkit import lora
+from gemkit import hf
 from gemkit import metrics
-from gemkit import quantize
+from gemkit import runs
 from gemkit import sample as sample_lib
 from gemkit import synthetic
 from gemkit import train as train_lib
 from gemkit.config import ConfigError
+from gemkit.surgery import finetuned, lora, quantize
 from gemkit.tokenizer import PAD, Tokenizer, resolve
 
 METHODS = ("full", "lora", "dora", "qlora", "pissa")
@@ -215,27 +217,15 @@ def device_peak_bytes() -> int | None:
 
 
 class Base:
-  """The base: its model (float), config, checkpoint step, fingerprint and tokenizer.
+  """The float base every method starts from: a ``runs.Source`` (a ``launch.train`` run
+  or a Hugging Face directory), its fingerprint and parameter count."""
 
-  ``workdir`` is a ``launch.train`` run directory or a Hugging Face model
-  directory (step 0; ``model.init_from`` of the fine-tuning config).
-  """
-
-  def __init__(self, workdir: str | pathlib.Path, step: int | None = None):
-    from gemkit import hf, runs  # pylint: disable=g-import-not-at-top
-    self.workdir = str(workdir)
-    imported = hf.is_model_dir(workdir)
-    if not imported and not (pathlib.Path(workdir) / "checkpoints").is_dir():
-      raise ConfigError("base.workdir", f"no checkpoints under {workdir!r}: train a base "
-                        "with launch.train first")
-    self.step = 0 if imported else _latest_step(workdir) if step is None else step
-    self.tokenizer = runs.load_tokenizer(workdir)
-    self.model, self.config = runs.load(workdir, self.step)
-    if self.config is None:
-      raise ConfigError("base.workdir", f"{workdir} records no config")
-    if any(d.is_quantized for _, d in quantize.dense_layers(self.model)) or lora.wrappers(
-        self.model):
-      raise ConfigError("base.workdir", f"{workdir} is not a float base (quantized or adapted)")
+  def __init__(self, source: runs.Source):
+    if not finetuned.is_float_base(source.model):
+      raise ConfigError("base.workdir", f"{source.path} is not a float base (quantized or "
+                        "adapted)")
+    self.workdir, self.step = source.path, source.step
+    self.model, self.config, self.tokenizer = source.model, source.config, source.tokenizer
     self.fingerprint = lora.fingerprint(self.model)
     self.num_params = train_lib.count_params(nnx.state(self.model, nnx.Param))
 
@@ -243,13 +233,11 @@ class Base:
     return {"workdir": self.workdir, "step": self.step, "fingerprint": self.fingerprint}
 
 
-def _latest_step(workdir) -> int:
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  with ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False) as ck:
-    step = ck.latest_step()
-  if step is None:
-    raise ConfigError("base.workdir", f"no complete checkpoint under {workdir}")
-  return step
+def base_path(cfg: ml_collections.ConfigDict) -> tuple[str, int | None]:
+  """(directory, step or None for the latest) of the base a fine-tuning config names:
+  ``model.init_from`` (a Hugging Face directory) or ``base.workdir`` at ``base.step``."""
+  init_from = cfg.get("model", {}).get("init_from")
+  return (init_from, None) if init_from else (cfg.base.workdir, cfg.base.step or None)
 
 
 def lora_rule(cfg: ml_collections.ConfigDict, method: str) -> lora.LoRARule:
@@ -271,23 +259,6 @@ def method_settings(cfg: ml_collections.ConfigDict, method: str) -> dict:
            if method == "qlora" else None)
   return {"method": method, "adapter": method, "rule": lora_rule(cfg, method).to_dict(),
           "quantization": {"rules": rules} if rules else None, "seed": cfg.seed}
-
-
-def build_model(base_model: nnx.Module, fingerprint: str, settings: dict):
-  """(model, trainable filter) of a method's settings, from a clone of the float base.
-
-  The clone shares the base's arrays: a Trainer copies the trained ones and
-  only reads the frozen ones, so ``base_model`` stays usable.
-  """
-  model = nnx.clone(base_model)
-  if settings["method"] == "full":
-    return model, nnx.Param
-  if settings.get("quantization"):
-    model, _ = quantize.quantize_model(model, settings["quantization"]["rules"])
-  name = settings["adapter"]
-  lora.apply_lora(model, lora.LoRARule(**settings["rule"]), name=name, seed=settings["seed"],
-                  base_fingerprint=fingerprint)
-  return model, lora.trainable(name)
 
 
 def trainer_config(cfg: ml_collections.ConfigDict, method: str,
@@ -327,9 +298,8 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
 
   ``export_peft``: also write an adapter method's adapter there as a PEFT LoRA
   directory (``gemkit.hf.save_adapter``; checked before training)."""
-  from gemkit import hf  # pylint: disable=g-import-not-at-top
   settings = method_settings(cfg, method)
-  model, trainable = build_model(base.model, base.fingerprint, settings)
+  model, trainable = finetuned.build(base.model, base.fingerprint, settings)
   hf_base = base.workdir if hf.is_model_dir(base.workdir) else None
   if export_peft is not None and method != "full":
     hf.peft.check_exportable(model, name=settings["adapter"], base_name_or_path=hf_base)
@@ -377,8 +347,8 @@ def run_method(cfg: ml_collections.ConfigDict, method: str, base: Base, task: Ta
   return row
 
 
-def run_seeds(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *,
-              overwrite: bool = False, log: Callable[[str], None] = print,
+def run_seeds(cfg: ml_collections.ConfigDict, base: Base,
+              workdir: str | pathlib.Path | None = None, *, overwrite: bool = False, log: Callable[[str], None] = print,
               export_peft: str | pathlib.Path | None = None) -> dict:
   """:func:`run` for seeds ``cfg.seed .. cfg.seed + cfg.seeds - 1`` (each in
   ``<workdir>/seed<s>``: its own adapter init, data order and arithmetic draw,
@@ -390,14 +360,14 @@ def run_seeds(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None
   above or below another, so the comparison is over seeds."""
   workdir = pathlib.Path(workdir or pathlib.Path("runs") / cfg.name)
   if cfg.seeds == 1:
-    return run(cfg, workdir, overwrite=overwrite, log=log, export_peft=export_peft)
+    return run(cfg, base, workdir, overwrite=overwrite, log=log, export_peft=export_peft)
   reports = []
   for seed in range(cfg.seed, cfg.seed + cfg.seeds):
     c = cfg.copy_and_resolve_references()
     c.seed, c.seeds = seed, 1
     log(f"# seed {seed}")
     peft_dir = None if export_peft is None else pathlib.Path(export_peft) / f"seed{seed}"
-    reports.append(run(c, workdir / f"seed{seed}", overwrite=overwrite, log=log,
+    reports.append(run(c, base, workdir / f"seed{seed}", overwrite=overwrite, log=log,
                        export_peft=peft_dir))
   return summarize(reports)
 
@@ -438,11 +408,11 @@ def summarize(reports: Sequence[dict]) -> dict:
           "elapsed_s": round(sum(rep["elapsed_s"] for rep in reports), 1), "runs": reports}
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = None, *,
-        methods: Sequence[str] | None = None, overwrite: bool = False,
+def run(cfg: ml_collections.ConfigDict, base: Base, workdir: str | pathlib.Path | None = None,
+        *, methods: Sequence[str] | None = None, overwrite: bool = False,
         log: Callable[[str], None] = print,
         export_peft: str | pathlib.Path | None = None) -> dict:
-  """Fine-tunes the base with each method on the task; returns the report (table rows).
+  """Fine-tunes ``base`` with each method on the task; returns the report (table rows).
 
   ``export_peft``: each adapter method's adapter is also written as a PEFT LoRA
   directory ``<export_peft>/<method>`` (``gemkit.hf.save_adapter``)."""
@@ -453,7 +423,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path | None = Non
       raise ConfigError("methods", f"unknown method {m!r}; methods are {METHODS}")
   workdir = pathlib.Path(workdir or pathlib.Path("runs") / cfg.name)
   start = time.perf_counter()
-  base = Base(cfg.get("model", {}).get("init_from") or cfg.base.workdir, cfg.base.step or None)
   task = task_data(cfg, base.tokenizer)
   log(f"base {base.workdir} step {base.step} ({base.num_params:,} parameters, fingerprint "
       f"{base.fingerprint}); task {task.summary()}")
@@ -491,32 +460,6 @@ def _relative_to_full(base_row: dict, rows: list[dict]) -> None:
     drop = base_row["heldout_loss"] - full["heldout_loss"]
     if drop > 0:
       r["loss_gain_vs_full"] = (base_row["heldout_loss"] - r["heldout_loss"]) / drop
-
-
-# --- loading a fine-tuned run ---------------------------------------------------------------
-
-
-def load_run(workdir: str | pathlib.Path, step: int, meta: dict) -> nnx.Module:
-  """The model of a fine-tuning run's checkpoint (``gemkit.runs.load`` calls this).
-
-  Rebuilds the base (its recorded run and fingerprint), the quantization and
-  adapters, then restores the trained parameters. PiSSA's residual is
-  recomputed from the base (use the adapter checkpoint for its saved factors).
-  """
-  from gemkit import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  settings = meta["finetune"]
-  info = settings["base"]
-  base = Base(info["workdir"], info["step"])
-  if base.fingerprint != info["fingerprint"]:
-    raise ConfigError("base.workdir", f"{workdir} was fine-tuned from base {info['fingerprint']}"
-                      f" ({info['workdir']} step {info['step']}), which now has fingerprint "
-                      f"{base.fingerprint}")
-  model, trainable = build_model(base.model, base.fingerprint, settings)
-  graphdef, params, frozen = nnx.split(model, trainable, ...)
-  with ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False) as ck:
-    restored = ck.restore(step)
-  nnx.replace_by_pure_dict(params, restored["params"])   # orbax keys are strings ("0")
-  return nnx.merge(graphdef, params, frozen)
 
 
 # --- config validation, table ---------------------------------------------------------------
