@@ -15,7 +15,11 @@ all of them on a GPU / TPU), each timed side by side in one process:
   sliding-window pattern with the backend's Pallas kernel and with XLA,
   and the full causal mask with the Pallas kernel, against dense causal
   attention: cuDNN (``implementation="cudnn"``) on a GPU, XLA on a TPU.
-  Forward and forward + backward.
+  Forward and forward + backward. ``--kernel=pallas_gpu`` runs it on a CPU
+  too, the kernel interpreted against dense XLA (benchmarks/accel.sh
+  ``--dry-run``, with a small ``--accel_t``: the code path, not a timing).
+  A row whose call raises (a kernel that fails to compile) is kept with the
+  error.
 
 Shapes: B=1, Hq=``--heads`` (8) with Hkv=``--kv_heads`` (8), D=``--head_dim``
 (64 on CPU, 128 in ``accel``), block 128 x 128. Each row: median and min ms
@@ -80,7 +84,15 @@ def _compare(section, t, fns, inputs, args, rows, with_backward=True):
     for name, fn in fns.items():
       if fn is None:
         continue
-      med, low = common.time_ms(_variants(fn, with_backward)[kind], *inputs, iters=args.iters)
+      try:
+        med, low = common.time_ms(_variants(fn, with_backward)[kind], *inputs, iters=args.iters)
+      except Exception as e:  # pylint: disable=broad-except  # e.g. a kernel that fails to compile
+        row = dict(section=section, t=t, window=args.window, impl=name, pass_=kind,
+                   error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        rows.append(row)
+        print(f"{section:<13} {t:>6} {args.window:>6}  {name:<22} {kind:<8} {row['error']}",
+              flush=True)
+        continue
       base = med if base is None else base
       row = dict(section=section, t=t, window=args.window, impl=name, pass_=kind,
                  ms_median=med, ms_min=low, ms_per_1k_tokens=med / (t / 1024),
@@ -109,10 +121,10 @@ def section_scaling(args, rows):
 
 def section_accel(args, rows):
   backend = jax.default_backend()
-  if backend not in common.KERNEL_IMPL:
+  if backend not in common.KERNEL_IMPL and not args.kernel:
     print(f"# accel: skipped on {backend} (kernels would run in interpret mode)")
     return
-  kernel = common.KERNEL_IMPL[backend]
+  kernel = args.kernel or common.KERNEL_IMPL[backend]
   d = args.head_dim or 128
   inputs = _inputs(args, args.accel_t, d, jnp.bfloat16)
   window = attention.CausalMask() & attention.LocalMask(args.window)
@@ -150,6 +162,9 @@ def main(argv=None):
   parser.add_argument("--head_dim", type=int, default=None)
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--kernel", default=None, choices=("pallas_gpu", "pallas_tpu"),
+                      help="the kernel of section accel (default: the backend's); on a CPU "
+                           "it runs interpreted: a dry run, not a timing")
   args = parser.parse_args(argv)
   on_cpu = jax.default_backend() == "cpu"
   sections = (args.sections.split(",") if args.sections
@@ -168,6 +183,7 @@ def main(argv=None):
   for s in sections:
     SECTIONS[s](args, rows)
   meta = dict(machine=machine, backend=jax.default_backend(), jax=jax.__version__,
+              device_kind=jax.devices()[0].device_kind, kernel_interpreted=on_cpu,
               argv=sys.argv[1:], load_average_end=os.getloadavg()[0])
   print(f"# wrote {common.write_json(dict(meta=meta, rows=rows), 'attention', args.out)}")
 

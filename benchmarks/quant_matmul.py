@@ -19,6 +19,10 @@ against ``x @ dequantize(W)`` in float32.
 On a CPU the kernels only run in interpret mode, which says nothing about
 speed: they are not timed; ``--kernel_check`` (default on) runs each kernel
 once in interpret mode at a small size and reports its error instead.
+``--kernel=pallas_gpu`` on a CPU times that kernel interpreted all the same
+(benchmarks/accel.sh ``--dry-run`` does, to go through the accelerator's code
+path; such times mean nothing). A row whose call raises is kept with the
+error, so one kernel that fails to compile leaves the other rows.
 
 Example (see benchmarks/README.md for recorded numbers):
 
@@ -95,7 +99,7 @@ def kernel_check(names, kernel: str, size: int) -> list[dict]:
 
 def run(args) -> dict:
   backend = jax.default_backend()
-  kernel = common.KERNEL_IMPL.get(backend)
+  kernel = args.kernel or common.KERNEL_IMPL.get(backend)
   names = args.formats.split(",")
   k, n = args.k, args.n
   rng = np.random.default_rng(0)
@@ -123,7 +127,7 @@ def run(args) -> dict:
       _, _, act = FORMATS[name]
       qw = qws[name]
       ref = np.asarray(x, np.float32) @ np.asarray(quant.dequantize(qw))
-      impls = ["xla"] + ([kernel] if kernel and backend != "cpu" else [])
+      impls = ["xla"] + ([kernel] if kernel and (backend != "cpu" or args.kernel) else [])
       for impl in impls:
         fn = jax.jit(lambda x, q, impl=impl, act=act: quant.quantized_matmul(
             x, q, act_fmt=act, impl=impl))
@@ -133,6 +137,10 @@ def run(args) -> dict:
           rows.append(dict(m=m, k=k, n=n, format=name, impl=impl,
                            note=_no_kernel(e)))
           continue
+        except Exception as e:  # pylint: disable=broad-except  # e.g. a kernel that fails to compile
+          rows.append(dict(m=m, k=k, n=n, format=name, impl=impl,
+                           note=f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+          continue
         row(name, impl, times, qw.nbytes, _rel_err(fn(x, qw), ref))
   checks = []
   if backend == "cpu" and args.kernel_check:
@@ -141,6 +149,7 @@ def run(args) -> dict:
   return dict(
       benchmark="quant_matmul", machine=common.machine(), backend=backend,
       device_kind=jax.devices()[0].device_kind, jax_version=jax.__version__,
+      kernel=kernel, kernel_interpreted=backend == "cpu",
       cpu_count=os.cpu_count(), load_avg_1min_at_end=os.getloadavg()[0], peak_gbps=peak, peak_source=args.peak_gbps,
       command=" ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
       rows=rows, kernel_checks=checks)
@@ -150,6 +159,8 @@ def print_table(result: dict) -> None:
   peak = result["peak_gbps"]
   peak = "n/a" if peak is None else f"{peak:.1f} GB/s ({result['peak_source']})"
   print(f"# {result['machine']} ({result['device_kind']}), jax {result['jax_version']}, peak {peak}")
+  if result["kernel_interpreted"] and any(r["impl"] == result["kernel"] for r in result["rows"]):
+    print(f"# {result['kernel']} ran INTERPRETED on {result['backend']}: its rows time nothing")
   print(f"{'M':>5} {'K':>5} {'N':>5}  {'format':<15} {'impl':<11} {'ms(med)':>9} {'ms(min)':>9} "
         f"{'GB/s':>8} {'%peak':>6} {'vs bf16':>8} {'rel_err':>8}")
   for r in result["rows"]:
@@ -179,6 +190,9 @@ def main(argv=None) -> None:
   p.add_argument("--kernel_check", type=int, default=1,
                  help="on CPU: run each kernel once in interpret mode (correctness only)")
   p.add_argument("--kernel_check_size", type=int, default=256)
+  p.add_argument("--kernel", default=None, choices=("pallas_gpu", "pallas_tpu"),
+                 help="the kernel timed beside XLA (default: the backend's; on a CPU none, "
+                      "and a kernel named here runs interpreted: a dry run, not a timing)")
   p.add_argument("--out", default=None,
                  help="JSON path (default benchmarks/results/quant_matmul_<machine>.json)")
   args = p.parse_args(argv)

@@ -20,6 +20,10 @@ all of them on a GPU / TPU), each timed side by side in one process:
   and % of the measured copy bandwidth; ``chunked_linear_attention`` forward
   + backward at B=1, T=8192, H=16, K=V=128 (XLA and Pallas) vs
   ``jax.nn.dot_product_attention(is_causal=True)`` on the same q, k, v.
+  ``--kernel=pallas_gpu`` runs it on a CPU too, the kernel interpreted, and
+  ``--tiny`` shrinks its shapes (benchmarks/accel.sh ``--dry-run``: the
+  accelerator's code path, not a timing). A row whose call raises (a kernel
+  that fails to compile) is kept with the error.
 
 Each row: median and min milliseconds over ``--iters`` calls after a
 compile-and-warm-up call. Prints a table and writes JSON (default
@@ -142,21 +146,36 @@ def measure_copy_gbps(iters: int, mbytes: int = 512) -> float:
   return 2 * x.nbytes / ms / 1e6
 
 
+# accel shapes: linear_scan (B, T, D), chunked attention (B, T, H, K=V), copy MiB
+ACCEL_SHAPES = {"full": ((8, 4096, 2560), (1, 8192, 16, 128), 512),
+                "tiny": ((2, 64, 256), (1, 128, 2, 32), 8)}
+
+
+def _error_row(row, e):
+  row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  return row
+
+
 def section_accel(args, rows):
-  kernel = common.KERNEL_IMPL[jax.default_backend()]
-  peak = measure_copy_gbps(args.iters)
-  a, b = _scan_inputs(8, 4096, 2560)
+  kernel = args.kernel or common.KERNEL_IMPL[jax.default_backend()]
+  (sb, st, sd), (ab, at, ah, ad), copy_mb = ACCEL_SHAPES["tiny" if args.tiny else "full"]
+  peak = measure_copy_gbps(args.iters, copy_mb)
+  a, b = _scan_inputs(sb, st, sd)
   moved = 3 * a.nbytes                                  # read a, b; write h
   for impl in ("xla", kernel):
-    fwd, step = _scan_fns(impl=impl)
-    med, low = common.time_ms(fwd, a, b, iters=args.iters)
-    gbps = moved / med / 1e6
-    rows.append(dict(section="accel", op="linear_scan", path=impl, B=8, T=4096,
-                     D=2560, fwd_ms=med, fwd_min_ms=low, gbps=gbps,
-                     copy_gbps=peak, pct_of_copy=100 * gbps / peak,
-                     fwd_bwd_ms=common.time_ms(step, a, b, iters=args.iters)[0]))
+    row = dict(section="accel", op="linear_scan", path=impl, B=sb, T=st, D=sd)
+    try:
+      fwd, step = _scan_fns(impl=impl)
+      med, low = common.time_ms(fwd, a, b, iters=args.iters)
+      gbps = moved / med / 1e6
+      row.update(fwd_ms=med, fwd_min_ms=low, gbps=gbps, copy_gbps=peak,
+                 pct_of_copy=100 * gbps / peak,
+                 fwd_bwd_ms=common.time_ms(step, a, b, iters=args.iters)[0])
+    except Exception as e:  # pylint: disable=broad-except
+      _error_row(row, e)
+    rows.append(row)
     _print_row(rows[-1])
-  q, k, v, g, w = _attn_inputs(1, 8192, 16, 128, 128, "head", jnp.bfloat16)
+  q, k, v, g, w = _attn_inputs(ab, at, ah, ad, ad, "head", jnp.bfloat16)
 
   def sdpa(q, k, v, g):
     del g
@@ -166,12 +185,15 @@ def section_accel(args, rows):
   for name, attend in (("dot_product_attention causal", sdpa),
                        ("chunked xla", _chunked()),
                        (f"chunked {kernel}", _chunked(kernel))):
-    med, low = common.time_ms(_train_step(attend), q, k, v, g, w, iters=args.iters)
-    base = base or med
-    rows.append(dict(section="accel", op="chunked_linear_attention",
-                     path=name, B=1, T=8192, H=16, K=128, V=128,
-                     dtype="bfloat16", fwd_bwd_ms=med, fwd_bwd_min_ms=low,
-                     speedup_vs_sdpa=base / med))
+    row = dict(section="accel", op="chunked_linear_attention", path=name, B=ab,
+               T=at, H=ah, K=ad, V=ad, dtype="bfloat16")
+    try:
+      med, low = common.time_ms(_train_step(attend), q, k, v, g, w, iters=args.iters)
+      base = base or med
+      row.update(fwd_bwd_ms=med, fwd_bwd_min_ms=low, speedup_vs_sdpa=base / med)
+    except Exception as e:  # pylint: disable=broad-except
+      _error_row(row, e)
+    rows.append(row)
     _print_row(rows[-1])
 
 
@@ -206,6 +228,11 @@ def main(argv=None):
   parser.add_argument("--scaling_t", default="1024,2048,4096,8192,16384")
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--out", default=None)
+  parser.add_argument("--kernel", default=None, choices=("pallas_gpu", "pallas_tpu"),
+                      help="the kernel of section accel (default: the backend's); on a CPU "
+                           "it runs interpreted: a dry run, not a timing")
+  parser.add_argument("--tiny", action="store_true",
+                      help="tiny shapes in section accel (a dry run of its code path)")
   args = parser.parse_args(argv)
   args.scaling_t = [int(t) for t in args.scaling_t.split(",")]
   on_cpu = jax.default_backend() == "cpu"
@@ -214,8 +241,8 @@ def main(argv=None):
   unknown = set(sections) - set(SECTIONS)
   if unknown:
     parser.error(f"unknown sections {sorted(unknown)}")
-  if "accel" in sections and on_cpu:
-    parser.error("section 'accel' needs a GPU or TPU backend")
+  if "accel" in sections and on_cpu and not args.kernel:
+    parser.error("section 'accel' needs a GPU or TPU backend (or --kernel, interpreted)")
   print(f"jax {jax.__version__}, {jax.default_backend()}, "
         f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}")
@@ -223,7 +250,7 @@ def main(argv=None):
   for name in sections:
     SECTIONS[name](args, rows)
   print_tables(rows)
-  result = dict(jax=jax.__version__, backend=jax.default_backend(),
+  result = dict(jax=jax.__version__, backend=jax.default_backend(), kernel_interpreted=on_cpu,
                 device_kind=jax.devices()[0].device_kind, command=" ".join(sys.argv), rows=rows)
   print(f"wrote {common.write_json(result, 'scan', args.out)}")
 

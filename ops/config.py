@@ -9,18 +9,40 @@ laptop simulates the TPU kernel instead of failing).
 >>> from ops import config
 >>> config.set_interpret(True)               # every kernel: generic interpreter
 >>> with config.interpret_mode(False): ...   # scoped override
+
+The environment variable ``GEMKIT_INTERPRET`` sets the process-wide default
+when ``ops`` is imported: ``0`` (also ``false``/``no``) compiles every kernel
+for the device (what ``benchmarks/accel.sh`` runs the kernel tests under),
+``1`` (``true``/``yes``) interprets every kernel, unset or empty leaves the
+default at ``None`` (interpret on CPU, compiled on TPU/GPU).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Any, Iterator
 
 import jax
 
+ENV_VAR = "GEMKIT_INTERPRET"
+_ENV_VALUES = {"": None, "0": False, "false": False, "no": False,
+               "1": True, "true": True, "yes": True}
+
+
+def interpret_from_env(environ=os.environ) -> Any:
+  """The default that ``GEMKIT_INTERPRET`` asks for (None when unset)."""
+  raw = environ.get(ENV_VAR, "")
+  try:
+    return _ENV_VALUES[raw.strip().lower()]
+  except KeyError:
+    raise ValueError(f"{ENV_VAR} must be one of 0, 1, true, false, yes, no or "
+                     f"empty, got {raw!r}") from None
+
+
 _state = threading.local()
-_global_default: Any = None
+_global_default: Any = interpret_from_env()
 
 
 def set_interpret(value: Any) -> None:

@@ -1,6 +1,7 @@
 """Pallas attention kernels: interpret mode vs float64, race detection, cross-lowering.
 
-Triton kernels run under ``interpret=True``; TPU kernels under
+Triton kernels run interpreted on CPU (``interpret`` left at None, so that
+they compile on a GPU: tests/conftest.py); TPU kernels under
 ``pltpu.InterpretParams`` (few, small cases: it simulates every DMA).
 Cross-lowering (``jax.export`` for ``tpu`` / ``cuda``) checks the hardware
 lowering rules that interpret mode ignores.
@@ -13,6 +14,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from ops import attention as A
+from tests.helpers import cross_lower, races_found
 from tests.numerics import TOL, assert_rel_close
 from tests.ops.test_attention import (RNG, _value_and_vjp, check, decode_reference, qkv,
                                       reference64, sorted_segments)
@@ -35,44 +37,43 @@ GPU_CASES = {
 
 
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_triton_kernel_interpret(name):
+@pytest.mark.pallas_gpu
+def test_triton_kernel(name):
   shape, mask, kw = GPU_CASES[name]
   kw = dict(kw)
   q, k, v = qkv(*shape, dtype=kw.pop("dtype", jnp.float32))
-  check(q, k, v, mask, impl="pallas_gpu", interpret=True, **kw)
+  check(q, k, v, mask, impl="pallas_gpu", **kw)
 
 
+@pytest.mark.pallas_tpu
 def test_tpu_kernel_detect_races(capfd):
   """Forward, dq and dk/dv kernels on 2 simulated cores: correct and race-free."""
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret
   q, k, v = qkv(1, 200, 300, 2, 1, 64)
   segs = (sorted_segments(1, 200, 2), sorted_segments(1, 300, 2))
   mask = A.ShiftedGroupMask(64) | A.DenseMask(RNG.random((200, 300)) < 0.05)
   params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
   check(q, k, v, mask, impl="pallas_tpu", interpret=params, block_q=64, block_kv=128,
         segment_ids=segs, softcap=3.0)
-  assert not mosaic_interpret.races.races_found
+  assert not races_found()
   assert "RACE DETECTED" not in capfd.readouterr().out
 
 
+@pytest.mark.pallas_tpu
 def test_tpu_kernel_gqa_short_query():
   # T = 8 (one query block), Hq = 8 with Hkv = 2, causal with S != T.
   check(*qkv(1, 8, 200, 8, 2, 64), A.CausalMask(), impl="pallas_tpu", block_q=8,
         block_kv=128)
 
 
-@pytest.mark.parametrize("impl,interpret", [
-    ("pallas_gpu", True),
-    pytest.param("pallas_tpu", None, marks=pytest.mark.slow),
-])
-def test_decode_kernels(impl, interpret):
+@pytest.mark.parametrize("impl", ["pallas_gpu", pytest.param("pallas_tpu", marks=pytest.mark.slow)])
+def test_decode_kernels(impl):
   kc, vc = jnp.asarray(RNG.standard_normal((3, 200, 2, 64)), jnp.float32), \
       jnp.asarray(RNG.standard_normal((3, 200, 2, 64)), jnp.float32)
   q = jnp.asarray(RNG.standard_normal((3, 4, 64)), jnp.float32)
   lengths = jnp.asarray([0, 130, 200], jnp.int32)
   run = lambda **kw: jax.jit(lambda *a: A.decode_attention(*a, block_size=128 if impl ==
                                                            "pallas_tpu" else 32, impl=impl,
-                                                           interpret=interpret, **kw))(
+                                                           **kw))(
       q, kc, vc, lengths)
   o = run(num_splits=2)
   assert_rel_close(o, decode_reference(q, kc, vc, lengths), TOL["float32"])
@@ -82,11 +83,11 @@ def test_decode_kernels(impl, interpret):
     assert_rel_close(run(top_k_blocks=2), xla, TOL["float32"])
 
 
+@pytest.mark.pallas_gpu
 def test_topk_triton_kernel_covering_all_is_dense():
   q, k, v = qkv(1, 100, 100, 4, 2, 64)
   w = jnp.asarray(RNG.standard_normal(q.shape), jnp.float32)
-  f = lambda q, k, v: A.topk_block_attention(q, k, v, top_k=4, block_size=32, impl="pallas_gpu",
-                                             interpret=True)
+  f = lambda q, k, v: A.topk_block_attention(q, k, v, top_k=4, block_size=32, impl="pallas_gpu")
   o, grads = _value_and_vjp(f, (q, k, v), w)
   ref_o, ref_g = reference64(q, k, v, A.CausalMask(), w)
   assert_rel_close(o, ref_o, TOL["float32"])
@@ -94,6 +95,7 @@ def test_topk_triton_kernel_covering_all_is_dense():
     assert_rel_close(g, r, 2 * TOL["float32"])
 
 
+@pytest.mark.pallas_gpu
 def test_topk_triton_kernel_kv_head_scores():
   """Per-kv-head selection (NSA's shared GQA choice) reaches the kernel as
   per-query-head lists and matches the XLA path."""
@@ -101,8 +103,7 @@ def test_topk_triton_kernel_kv_head_scores():
   w = jnp.asarray(RNG.standard_normal(q.shape), jnp.float32)
   scores = jnp.asarray(RNG.standard_normal((1, 2, 100, 7)), jnp.float32)
   run = lambda impl: _value_and_vjp(lambda q, k, v: A.topk_block_attention(
-      q, k, v, top_k=2, block_size=16, token_scores=scores, impl=impl,
-      interpret=True if impl == "pallas_gpu" else None), (q, k, v), w)
+      q, k, v, top_k=2, block_size=16, token_scores=scores, impl=impl), (q, k, v), w)
   (o, grads), (ref_o, ref_g) = run("pallas_gpu"), run("xla")
   assert_rel_close(o, ref_o, TOL["float32"])
   for g, r in zip(grads, ref_g):
@@ -113,12 +114,6 @@ def test_topk_triton_kernel_kv_head_scores():
 # Cross-lowering: the JAX-side TPU (Mosaic) and Triton lowering, no hardware.
 
 _S = jax.ShapeDtypeStruct
-_TRITON = dict(disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])
-
-
-def _export(fn, platform, *avals):
-  kw = _TRITON if platform == "cuda" else {}
-  return jax.export.export(jax.jit(fn), platforms=[platform], **kw)(*avals)
 
 
 @pytest.mark.parametrize("impl,platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
@@ -134,10 +129,8 @@ def test_cross_lowering_fwd_bwd(impl, platform, dtype):
                                                  softcap=30.0, impl=impl, interpret=False)
     o, vjp = jax.vjp(f, q, k, v)
     return o, vjp(o)
-  exported = _export(fwd_bwd, platform, _S((b, t, hq, d), dtype), _S((b, s, hkv, d), dtype),
-                     _S((b, s, hkv, d), dtype), _S((b, t), jnp.int32), _S((b, s), jnp.int32))
-  text = exported.mlir_module()
-  assert ("tpu_custom_call" if platform == "tpu" else "__gpu$xla.gpu.triton") in text
+  cross_lower(platform, fwd_bwd, _S((b, t, hq, d), dtype), _S((b, s, hkv, d), dtype),
+              _S((b, s, hkv, d), dtype), _S((b, t), jnp.int32), _S((b, s), jnp.int32))
 
 
 @pytest.mark.parametrize("impl,platform", [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
@@ -145,10 +138,10 @@ def test_cross_lowering_topk_and_decode(impl, platform):
   bs = 128
   topk = lambda q, k, v: A.topk_block_attention(q, k, v, top_k=2, block_size=bs, impl=impl,
                                                 interpret=False)
-  _export(jax.grad(lambda q, k, v: jnp.sum(topk(q, k, v)), (0, 1, 2)), platform,
-          *[_S((1, 512, h, 64), jnp.bfloat16) for h in (4, 2, 2)])
+  cross_lower(platform, jax.grad(lambda q, k, v: jnp.sum(topk(q, k, v)), (0, 1, 2)),
+              *[_S((1, 512, h, 64), jnp.bfloat16) for h in (4, 2, 2)])
   dec = lambda q, kc, vc, n: A.decode_attention(q, kc, vc, n, top_k_blocks=2, block_size=bs,
                                                 impl=impl, interpret=False)
-  _export(dec, platform, _S((2, 8, 128), jnp.bfloat16), _S((2, 1024, 2, 128), jnp.bfloat16),
-          _S((2, 1024, 2, 128), jnp.bfloat16), _S((2,), jnp.int32))
+  cross_lower(platform, dec, _S((2, 8, 128), jnp.bfloat16), _S((2, 1024, 2, 128), jnp.bfloat16),
+              _S((2, 1024, 2, 128), jnp.bfloat16), _S((2,), jnp.int32))
 

@@ -1,5 +1,6 @@
 """ops.quant Pallas kernels on CPU: TPU kernels in TPU interpret mode (incl. race
-detection on 2 simulated cores), Triton kernels under interpret=True, both
+detection on 2 simulated cores), Triton kernels interpreted (compiled on a GPU:
+tests/conftest.py), both
 against a float64 dequantize-then-dot; gradients, vmap, W8A8 / LLM.int8(); and
 cross-lowering for "tpu" and "cuda" (block-shape rules interpret mode ignores).
 """
@@ -13,6 +14,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 from ops import quant
+from tests.helpers import cross_lower, races_found
 from tests.numerics import TOL, assert_rel_close
 from tests.ops import test_quant_numpy as npq
 
@@ -47,15 +49,11 @@ def _ref(x, qw):
   return np.asarray(x, np.float64) @ npq.dequantize(qw)
 
 
-def _races_found():
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as mosaic_interpret  # private
-  return mosaic_interpret.races.races_found
-
-
 # ----------------------------------------------------------------------------
 # Numerics in interpret mode
 # ----------------------------------------------------------------------------
 
+@pytest.mark.pallas_tpu
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS, ids=_ids)
 def test_tpu_kernel_matches_float64(variant):
   qw = _qw(variant[0], tuple(variant[1].items()))
@@ -64,6 +62,7 @@ def test_tpu_kernel_matches_float64(variant):
   assert_rel_close(y, _ref(x, qw), TOL["float32"])
 
 
+@pytest.mark.pallas_tpu
 @pytest.mark.parametrize("fmt,m,dtype", [("int4", 1, jnp.float32), ("nf4", 3, jnp.bfloat16)])
 def test_tpu_kernel_default_blocks_small_m(fmt, m, dtype):
   qw, x = _qw(fmt), _x((m, K), dtype=dtype)
@@ -80,6 +79,7 @@ def test_kernels_small_odd_k(impl):
   assert_rel_close(quant.quantized_matmul(x, qw, impl=impl), _ref(x, qw), TOL["float32"])
 
 
+@pytest.mark.pallas_gpu
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS, ids=_ids)
 @pytest.mark.parametrize("m", [1, 3, 130])
 def test_gpu_kernel_matches_float64(variant, m):
@@ -88,6 +88,7 @@ def test_gpu_kernel_matches_float64(variant, m):
   assert_rel_close(quant.quantized_matmul(x, qw, impl="pallas_gpu"), _ref(x, qw), TOL["float32"])
 
 
+@pytest.mark.pallas_gpu
 def test_gpu_kernel_bf16():
   qw, x = _qw("int4", (("symmetric", False), ("group_size", 64))), _x((2, 9, K), dtype=jnp.bfloat16)
   y = quant.quantized_matmul(x, qw, impl="pallas_gpu")
@@ -123,6 +124,7 @@ def test_w8a8_and_llm_int8_kernels_match_numpy(impl):
   np.testing.assert_allclose(np.asarray(y), npq.llm_int8(x, qw, 6.0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.pallas_gpu
 def test_gpu_kernel_vmap_jit_and_grad():
   """vmap over stacked weights and inputs (the batching rule adds a grid axis).
 
@@ -150,45 +152,36 @@ RACES = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
 RACE_BLOCKS = quant.BlockSizes(block_m=32, block_n=128, block_k=128)
 
 
+@pytest.mark.pallas_tpu
 def test_tpu_weight_only_kernel_and_its_transpose_have_no_races():
   qw = _qw("int4", (("symmetric", False), ("group_size", 64)), k=256)
   x = _x((64, 256))
   y, vjp = jax.vjp(lambda x: quant.quantized_matmul(
       x, qw, impl="pallas_tpu", interpret=RACES, block_sizes=RACE_BLOCKS), x)
   jax.block_until_ready(y)
-  assert not _races_found()
+  assert not races_found()
   assert_rel_close(y, _ref(x, qw), TOL["float32"])
   g = _x((64, N), seed=9)
   (dx,) = vjp(g)
   jax.block_until_ready(dx)
-  assert not _races_found()
+  assert not races_found()
   assert_rel_close(dx, np.asarray(g, np.float64) @ npq.dequantize(qw).T, TOL["float32"], "dx")
 
 
+@pytest.mark.pallas_tpu
 def test_tpu_w8a8_kernel_has_no_races():
   qw = _qw("int8", k=256)
   x = _x((64, 256))
   y = quant.quantized_matmul(x, qw, act_fmt="int8", impl="pallas_tpu", interpret=RACES,
                              block_sizes=RACE_BLOCKS)
   jax.block_until_ready(y)
-  assert not _races_found()
+  assert not races_found()
   np.testing.assert_allclose(np.asarray(y), npq.w8a8(x, qw), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------
 # Cross-lowering (nothing runs): TPU (8, 128) rule, Triton power-of-two rule
 # ----------------------------------------------------------------------------
-
-_TRITON = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-_PLATFORM = {"pallas_tpu": ("tpu", []), "pallas_gpu": ("cuda", _TRITON)}
-
-
-def _export(impl, fn, *args):
-  platform, checks = _PLATFORM[impl]
-  exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
-  text = exported.mlir_module()
-  assert ("tpu_custom_call" in text) if platform == "tpu" else ("triton" in text)
-
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("variant", KERNEL_VARIANTS, ids=_ids)
@@ -197,7 +190,7 @@ def test_cross_lowering_forward_and_backward(impl, variant):
   x = jax.ShapeDtypeStruct((4, 130, 1024), jnp.bfloat16)   # M = 520
   loss = lambda x, q: jnp.sum(quant.quantized_matmul(
       x, q, impl=impl, interpret=False).astype(jnp.float32))
-  _export(impl, jax.grad(loss), x, qw)
+  cross_lower(impl, jax.grad(loss), x, qw)
 
 
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
@@ -205,16 +198,16 @@ def test_cross_lowering_w8a8_llm_int8_and_decode(impl):
   qw = quant.quantize(jnp.ones((4096, 4096), jnp.float32), "int8")
   f = lambda x, q: quant.quantized_matmul(x, q, act_fmt="int8", outlier_threshold=6.0,
                                           impl=impl, interpret=False)
-  _export(impl, f, jax.ShapeDtypeStruct((130, 4096), jnp.float32), qw)
+  cross_lower(impl, f, jax.ShapeDtypeStruct((130, 4096), jnp.float32), qw)
   qw4 = quant.quantize(jnp.ones((4096, 4096), jnp.float32), "int4")
   f = lambda x, q: quant.quantized_matmul(x, q, impl=impl, interpret=False)
-  _export(impl, f, jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), qw4)
+  cross_lower(impl, f, jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16), qw4)
 
 
 def test_cross_lowering_tpu_vmap_over_stacked_weights():
   qws = jax.vmap(lambda w: quant.quantize(w, "int4"))(jnp.ones((2, 512, 256), jnp.float32))
   f = jax.vmap(lambda q, x: quant.quantized_matmul(x, q, impl="pallas_tpu", interpret=False))
-  _export("pallas_tpu", f, qws, jax.ShapeDtypeStruct((2, 8, 512), jnp.bfloat16))
+  cross_lower("pallas_tpu", f, qws, jax.ShapeDtypeStruct((2, 8, 512), jnp.bfloat16))
 
 
 def test_cross_lowering_rejects_what_validation_would_reject():
@@ -228,4 +221,4 @@ def test_cross_lowering_rejects_what_validation_would_reject():
   raw = lambda x: tpu.matmul(x, qw.values, qw.scales, None, fmt="int4", symmetric=True,
                              group_size=64, block_sizes=(8, 128, 64), interpret=False)
   with pytest.raises(Exception, match="divisible by 8 and 128"):
-    _export("pallas_tpu", raw, jax.ShapeDtypeStruct((8, K), jnp.float32))
+    cross_lower("pallas_tpu", raw, jax.ShapeDtypeStruct((8, K), jnp.float32))

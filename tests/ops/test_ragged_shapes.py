@@ -17,6 +17,7 @@ import pytest
 from ops import attention as A
 from ops import quant, scan
 from ops.scan import reference as sref
+from tests.helpers import cross_lower
 from tests.numerics import assert_rel_close
 
 IMPLS = ("xla", "pallas_tpu", "pallas_gpu")
@@ -269,9 +270,8 @@ CROSS = {  # name -> (impl -> fn, avals); forward and backward where there is on
 def test_ragged_calls_cross_lower(name, impl):
   """Interpret mode ignores the Triton power-of-two and TPU (8, 128) rules;
   the padded ragged calls (with default blocks) must lower for the hardware."""
-  from tests.ops.test_quant_kernels import _export
   make, avals = CROSS[name]
-  _export(impl, make(impl), *avals)
+  cross_lower(impl, make(impl), *avals)
 
 
 @pytest.mark.parametrize("fmt,k,gs,msg", [

@@ -1,7 +1,7 @@
 """ops.scan.linear_scan: every path against a float64 recurrence.
 
-XLA paths (sequential and associative) and both kernels (Triton under
-interpret=True, Mosaic TPU under pltpu.InterpretParams, whose NaN-filled
+XLA paths (sequential and associative) and both kernels (on CPU: Triton
+interpreted, Mosaic TPU under pltpu.InterpretParams, whose NaN-filled
 uninitialised memory poisons any output a kernel forgets to write) are
 compared, forward and all gradients, with the step-by-step recurrence run in
 float64 (itself checked against a NumPy loop). Also: resets (a = 0), pieces
@@ -19,6 +19,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ops import scan
 from ops.scan import reference as ref
+from tests.helpers import cross_lower, races_found
 from tests.numerics import TOL, assert_rel_close
 
 SCAN_PATHS = {
@@ -70,20 +71,6 @@ def assert_vjp_matches(fn, reference, args, cts, names, tol):
                              names):
     assert got.shape == want.shape, name
     assert_rel_close(got, want, tol, name)
-
-
-def exports_for(platform, fn, *avals):
-  """Cross-lowers ``fn`` for ``platform`` (nothing runs)."""
-  disabled = ([jax.export.DisabledSafetyCheck.custom_call(
-      "__gpu$xla.gpu.triton")] if platform == "cuda" else [])
-  jax.export.export(jax.jit(fn), platforms=[platform],
-                    disabled_checks=disabled)(*avals)
-
-
-def races_found() -> bool:
-  """Whether the last TPU-interpret kernel run reported a race."""
-  from jax._src.pallas.mosaic.interpret import interpret_pallas_call  # pylint: disable=g-import-not-at-top
-  return bool(interpret_pallas_call.races.races_found)
 
 
 # ----------------------------------------------------------------- linear_scan
@@ -189,6 +176,7 @@ def test_linear_scan_vmap_jit(path):
     assert_rel_close(h_last[i], li, 1e-6, "h_last")
 
 
+@pytest.mark.pallas_tpu
 def test_linear_scan_tpu_kernel_race_free_on_two_cores():
   """Batch and D tiles are 'parallel' (split over two simulated cores), the
   time blocks 'arbitrary' with the carry in VMEM."""
@@ -215,7 +203,7 @@ def test_linear_scan_cross_lowers(platform, impl, dtype):
     h, h_last = scan.linear_scan(a, b, impl=impl, interpret=False)
     return jnp.sum(h.astype(jnp.float32)) + jnp.sum(h_last)
 
-  exports_for(platform, jax.grad(loss, (0, 1)), x, x)
+  cross_lower(platform, jax.grad(loss, (0, 1)), x, x)
 
 
 def test_linear_scan_auto_is_xla_on_cpu():

@@ -1,6 +1,6 @@
 """ops.scan.chunked_linear_attention and ops.scan.delta_rule.
 
-Every path (XLA chunked, Triton kernels under interpret=True, TPU kernels
+Every path (XLA chunked, Triton kernels (interpreted on CPU), TPU kernels
 under pltpu.InterpretParams) against the step-by-step recurrence in float64,
 forward and all gradients (dq, dk, dv, dlog_decay, dbeta, dinitial_state), on
 ragged T (1, 63, 100), head dims 60 and 128, per-head and per-key decays,
@@ -22,9 +22,9 @@ from jax.experimental.pallas import tpu as pltpu
 
 from ops import scan
 from ops.scan import reference as ref
+from tests.helpers import cross_lower, races_found
 from tests.numerics import TOL, assert_rel_close
-from tests.ops.test_scan import (assert_vjp_matches, cotangents, exports_for,
-                                 float64_vjp, random, races_found)
+from tests.ops.test_scan import assert_vjp_matches, cotangents, float64_vjp, random
 
 ATTN_NAMES = ("o", "state", "dq", "dk", "dv", "dlog_decay", "dinitial_state")
 DELTA_NAMES = ("o", "state", "dq", "dk", "dv", "dbeta", "dlog_decay",
@@ -133,6 +133,7 @@ def test_attention_kernels_match_float64(impl, decay):
 
 
 @pytest.mark.slow
+@pytest.mark.pallas_gpu
 def test_attention_gpu_kernel_head_dim_128_weak_decay():
   _check_attn((1, 63, 1, 128, 128), ("key", "weak"), impl="pallas_gpu",
               chunk_size=32)
@@ -186,6 +187,7 @@ def test_attention_vmap_jit(impl):
     assert_rel_close(s[i], si, 1e-6, "state")
 
 
+@pytest.mark.pallas_tpu
 def test_attention_tpu_kernels_race_free_on_two_cores():
   """Batch, head and V-tile axes are 'parallel' (split over two simulated
   cores); the sequence axis carries the state (forward) and its cotangent
@@ -303,6 +305,7 @@ def test_delta_in_pieces(impl):
 
 
 @pytest.mark.slow
+@pytest.mark.pallas_gpu
 def test_delta_vmap_jit():
   rng = np.random.default_rng(5)
   args = [x[None].repeat(2, 0) for x in
@@ -316,6 +319,7 @@ def test_delta_vmap_jit():
     assert_rel_close(s[i], si, 1e-6, "state")
 
 
+@pytest.mark.pallas_tpu
 def test_delta_tpu_kernel_race_free_on_two_cores():
   rng = np.random.default_rng(6)
   args = _delta_inputs(rng, (2, 40, 2, 60, 40), "gated")
@@ -356,7 +360,7 @@ def test_chunked_cross_lowers(platform, impl, op, dtype):
     o, s = fn(q, k, v, g)
     return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
-  exports_for(platform, jax.grad(loss, (0, 1, 2, 3)), q, q, v, g)
+  cross_lower(platform, jax.grad(loss, (0, 1, 2, 3)), q, q, v, g)
 
 
 def test_vmap_of_tpu_kernels_cross_lowers():
@@ -369,7 +373,7 @@ def test_vmap_of_tpu_kernels_cross_lowers():
   delta = jax.vmap(lambda q, k, v, g: scan.delta_rule(
       q, k, v, jnp.exp(g), g, impl="pallas_tpu", interpret=False)[0])
   for fn in (attend, delta):
-    exports_for("tpu", jax.grad(lambda *x: jnp.sum(fn(*x)), (0, 1, 2, 3)),
+    cross_lower("tpu", jax.grad(lambda *x: jnp.sum(fn(*x)), (0, 1, 2, 3)),
                 q, q, q, g)
 
 
