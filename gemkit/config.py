@@ -170,7 +170,7 @@ def validate_model(model_cfg: ml_collections.ConfigDict) -> None:
     raise ConfigError("model", str(e)) from None
 
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")   # the device mesh (gemkit.sharding)
 # Model families whose layers are correct with the sequence axis split.
 SEQUENCE_PARALLEL_FAMILIES = ("transformer",)
 

@@ -45,7 +45,6 @@ calls; it returns a report with every number and the settings that produced it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import pathlib
@@ -60,8 +59,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from gemkit import config as config_lib
 from gemkit import data as data_lib
-from gemkit import hf
 from gemkit import metrics
 from gemkit.metrics import LN2
 from gemkit import runs
@@ -442,7 +441,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 
 
 def default_config() -> ml_collections.ConfigDict:
-  from gemkit import config as config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.load_file(DEFAULT_EVAL_CONFIG)
 
 
@@ -549,27 +547,6 @@ def _rel(path) -> str:
 # --- checkpoints and the report ----------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Loaded:
-  model: nnx.Module
-  config: ml_collections.ConfigDict | None
-  workdir: pathlib.Path
-  step: int
-  meta: dict
-
-
-def load_checkpoint(path: str, step: int | None = None) -> Loaded:
-  """The model of a checkpoint (any family, via ``gemkit.runs.load``) and its metadata;
-  a Hugging Face model directory is step 0 of itself (no data config: held-out
-  tasks need ``heldout.path``)."""
-  if hf.is_model_dir(path):
-    model, config = runs.load(path)
-    return Loaded(model, config, pathlib.Path(path), 0, {"model": config.model.to_dict()})
-  workdir, step, meta = runs.checkpoint_meta(path, step)
-  model, config = runs.load_from_meta(workdir, step, meta)
-  return Loaded(model, config, workdir, step, meta)
-
-
 def git_commit() -> tuple[str | None, bool | None]:
   """(HEAD commit, working tree has changes) of the repository, or (None, None)."""
   try:
@@ -588,21 +565,23 @@ def run(checkpoint: str, names: Sequence[str], *, step: int | None = None,
         tokenizer: Tokenizer | None = None) -> dict:
   """Loads a checkpoint, evaluates ``names`` and returns the full report (JSON-ready).
 
-  ``tokenizer``: default the checkpoint's own (``gemkit.runs.load_tokenizer``:
-  the run's recorded one, bytes for runs that record none).
+  ``checkpoint``: a run, one of its checkpoints or a Hugging Face directory
+  (``gemkit.runs.load_source``; a Hugging Face directory has no data config,
+  so held-out tasks need ``heldout.path``). ``tokenizer``: default the
+  checkpoint's own (the run's recorded one, bytes for runs that record none).
   """
   cfg = eval_config or default_config()
   validate_config(cfg)
   check_task_names(names)
-  loaded = load_checkpoint(checkpoint, step)
-  tokenizer = tokenizer or runs.load_tokenizer(checkpoint)
+  loaded = runs.load_source(checkpoint, step)
+  tokenizer = tokenizer or loaded.tokenizer
   start = time.perf_counter()
   out = evaluate(loaded.model, names, run_config=loaded.config, eval_config=cfg,
                  batch_size=batch_size, max_examples=max_examples, show_progress=show_progress,
                  tokenizer=tokenizer)
   commit, dirty = git_commit()
   settings = {
-      "checkpoint": str(checkpoint), "workdir": str(loaded.workdir), "step": loaded.step,
+      "checkpoint": str(checkpoint), "workdir": loaded.path, "step": loaded.step,
       "tasks": list(names), "batch_size": batch_size, "max_examples": max_examples,
       "model_config": loaded.meta.get("model"),
       "run_config": loaded.config.to_dict() if loaded.config is not None else None,

@@ -89,6 +89,7 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from flax import nnx
 from tqdm import tqdm
 
@@ -232,6 +233,8 @@ class GemkitLM(TemplateLM):
     self.model = nnx.merge(graphdef, state)
     self._graphdef, self._state = graphdef, state
     self.dtype = str(model_dtype(config))
+    # lm-eval reads rank / world_size through LM's properties over these two, and
+    # batch_size, max_length and max_gen_toks (HFLM's names) as attributes.
     self._rank, self._world_size = jax.process_index(), jax.process_count()
 
     per_process = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // self._world_size
@@ -239,14 +242,14 @@ class GemkitLM(TemplateLM):
         "auto") else int(batch_size)
     if rows < 1:
       raise ConfigError("batch_size", f"must be >= 1, got {batch_size}")
-    self.batch_rows = -(-rows // per_process) * per_process
-    self._max_length = int(max_length) if max_length else default_max_length(pretrained,
+    self.batch_size = -(-rows // per_process) * per_process
+    self.max_length = int(max_length) if max_length else default_max_length(pretrained,
                                                                               config)
-    self._max_gen_toks = int(max_gen_toks)
+    self.max_gen_toks = int(max_gen_toks)
     self.add_bos_token = add_bos_token
     self.custom_prefix_token_id = prefix_token_id
     self._adds_bos = default_adds_bos(self.tokenizer)
-    self.buckets = buckets(self._max_length)
+    self.buckets = buckets(self.max_length)
     rows_sharding = sharding.logical_sharding(self.mesh, ("batch", None))
     self._score = _scorer(graphdef, rows_sharding)
     self.compiled: set[tuple] = set()   # (kind, shape) of every compiled batch shape
@@ -254,7 +257,7 @@ class GemkitLM(TemplateLM):
              "max_length %d, padded lengths %s, mesh %s, rank %d of %d", pretrained,
              f" + adapter {adapter}" if adapter else "",
              f" quantized {quantize}" if quantize else "", time.perf_counter() - start,
-             self.tokenizer.describe(), self.batch_rows, self._max_length, self.buckets,
+             self.tokenizer.describe(), self.batch_size, self.max_length, self.buckets,
              dict(self.mesh.shape), self._rank, self._world_size)
 
   # -- loading ------------------------------------------------------------------------------
@@ -311,18 +314,6 @@ class GemkitLM(TemplateLM):
     return self.tokenizer.eos_id if bos is None else bos
 
   @property
-  def max_length(self) -> int:
-    return self._max_length
-
-  @property
-  def max_gen_toks(self) -> int:
-    return self._max_gen_toks
-
-  @property
-  def batch_size(self) -> int:
-    return self.batch_rows
-
-  @property
   def tokenizer_name(self) -> str:
     return self.tokenizer.name.replace("/", "__")
 
@@ -350,14 +341,6 @@ class GemkitLM(TemplateLM):
 
   # -- several processes --------------------------------------------------------------------
 
-  @property
-  def rank(self) -> int:
-    return self._rank
-
-  @property
-  def world_size(self) -> int:
-    return self._world_size
-
   def all_gather(self, tensor):
     """Every rank's value of a (torch) tensor, stacked: lm-eval counts requests with it."""
     if self._world_size == 1:
@@ -374,7 +357,6 @@ class GemkitLM(TemplateLM):
 
   def barrier(self) -> None:
     if self._world_size > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices("gemkit lm_eval barrier")
 
   def _agree(self, counts: dict) -> dict:
@@ -405,10 +387,10 @@ class GemkitLM(TemplateLM):
     pad = self.tokenizer.pad_id
     by_bucket: dict[int, list[int]] = collections.defaultdict(list)
     for i in sorted(range(len(rows)), key=lambda i: -len(rows[i][0])):
-      if not 0 < len(rows[i][0]) <= self._max_length:
-        raise ValueError(f"a row of {len(rows[i][0])} ids: must be 1 .. {self._max_length}")
+      if not 0 < len(rows[i][0]) <= self.max_length:
+        raise ValueError(f"a row of {len(rows[i][0])} ids: must be 1 .. {self.max_length}")
       by_bucket[bucket_of(len(rows[i][0]), self.buckets)].append(i)
-    batches = {b: [idx[k:k + self.batch_rows] for k in range(0, len(idx), self.batch_rows)]
+    batches = {b: [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
                for b, idx in by_bucket.items()}
     counts = self._agree({b: len(v) for b, v in batches.items()})
     out: list[Any] = [None] * len(rows)
@@ -419,16 +401,16 @@ class GemkitLM(TemplateLM):
         mine = batches.get(length, [])
         for k in range(counts[length]):
           idx = mine[k] if k < len(mine) else []
-          inputs = np.full((self.batch_rows, length), pad, np.int32)
-          targets = np.full((self.batch_rows, length), pad, np.int32)
-          seg = np.zeros((self.batch_rows, length), np.int32)
+          inputs = np.full((self.batch_size, length), pad, np.int32)
+          targets = np.full((self.batch_size, length), pad, np.int32)
+          seg = np.zeros((self.batch_size, length), np.int32)
           for j, i in enumerate(idx):
             n = len(rows[i][0])
             inputs[j, :n], targets[j, :n], seg[j, :n] = rows[i][0], rows[i][1], 1
           lp, greedy = self._score(self._state, sharding.global_batch(self.mesh, inputs),
                                    sharding.global_batch(self.mesh, targets),
                                    sharding.global_batch(self.mesh, seg))
-          self.compiled.add(("score", (self.batch_rows * self._world_size, length)))
+          self.compiled.add(("score", (self.batch_size * self._world_size, length)))
           lp, greedy = sharding.local_rows(self.mesh, lp), sharding.local_rows(self.mesh, greedy)
           for j, i in enumerate(idx):
             n = len(rows[i][0])
@@ -447,10 +429,10 @@ class GemkitLM(TemplateLM):
     for _, context, continuation in requests:
       if not context or not continuation:
         raise ValueError("gemkit: context and continuation must each have >= 1 id")
-      if len(continuation) > self._max_length:
+      if len(continuation) > self.max_length:
         raise ValueError(f"gemkit: a continuation of {len(continuation)} ids exceeds "
-                         f"max_length={self._max_length}")
-      seq = (list(context) + list(continuation))[-(self._max_length + 1):]
+                         f"max_length={self.max_length}")
+      seq = (list(context) + list(continuation))[-(self.max_length + 1):]
       rows.append((seq[:-1], seq[1:]))
       spans.append(len(continuation))
     scored = self.score_rows(rows, progress=not disable_tqdm)
@@ -472,7 +454,7 @@ class GemkitLM(TemplateLM):
                                        lm_utils.get_rolling_token_windows(
                                            token_list=self.tok_encode(text),
                                            prefix_token=self.prefix_token_id,
-                                           max_seq_len=self._max_length, context_len=1)):
+                                           max_seq_len=self.max_length, context_len=1)):
         windows.append((None, context, continuation))
         owner.append(r)
     totals = [0.0] * len(requests)
@@ -492,22 +474,22 @@ class GemkitLM(TemplateLM):
     prompts, untils, groups = [], [], collections.defaultdict(list)
     for i, req in enumerate(requests):
       context, gen_kwargs = req.args
-      kwargs = normalize_gen_kwargs(dict(gen_kwargs), self._max_gen_toks)
+      kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
       if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0.0:
         raise ValueError(f"gemkit decodes greedily only; a request asks for sampling "
                          f"(do_sample={kwargs.get('do_sample')}, temperature="
                          f"{kwargs.get('temperature')}): use the hf backend for sampled tasks")
       untils.append(handle_stop_sequences(kwargs.pop("until", None), eos=eos_text))
       max_new = int(kwargs.pop("max_gen_toks"))
-      if self._max_length - max_new <= 0:
+      if self.max_length - max_new <= 0:
         raise ValueError(f"gemkit: max_gen_toks={max_new} must be < max_length="
-                         f"{self._max_length}")
-      ids = self.tok_encode(context, left_truncate_len=self._max_length - max_new)
+                         f"{self.max_length}")
+      ids = self.tok_encode(context, left_truncate_len=self.max_length - max_new)
       prompts.append(ids or [self.prefix_token_id])
       groups[(max_new, bucket_of(len(prompts[-1]), self.buckets))].append(i)
     for idx in groups.values():
       idx.sort(key=lambda i: -len(prompts[i]))
-    batches = {key: [idx[k:k + self.batch_rows] for k in range(0, len(idx), self.batch_rows)]
+    batches = {key: [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
                for key, idx in groups.items()}
     counts = self._agree({key: len(v) for key, v in batches.items()})
     out = [""] * len(requests)
@@ -520,12 +502,12 @@ class GemkitLM(TemplateLM):
       mine = batches.get(key, [])
       for k in range(counts[key]):
         idx = mine[k] if k < len(mine) else []
-        batch = [prompts[i] for i in idx] + [[self.prefix_token_id]] * (self.batch_rows
+        batch = [prompts[i] for i in idx] + [[self.prefix_token_id]] * (self.batch_size
                                                                         - len(idx))
         ids = sample_lib.generate_ids(self.model, batch, max_new_tokens=max_new,
                                       eos_ids=tok.stop_ids, pad_id=tok.pad_id,
                                       prompt_len=length, mesh=self.mesh)
-        self.compiled.add(("generate", (self.batch_rows * self._world_size, length, max_new)))
+        self.compiled.add(("generate", (self.batch_size * self._world_size, length, max_new)))
         for row, i in zip(ids, idx):
           text = postprocess_generated_text(sample_lib.text_until_stop(row, tok), untils[i],
                                             None)
@@ -569,7 +551,6 @@ def allgather_object(obj) -> list:
   lm-eval's ``gather_object`` contract is arbitrary Python objects, so they
   travel pickled between this job's own processes, as torch.distributed's
   do; nothing read from disk is ever unpickled."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   data = np.frombuffer(pickle.dumps(obj), np.uint8)
   sizes = np.asarray(multihost_utils.process_allgather(np.asarray(data.size, np.int64)))
   buffer = np.zeros(int(sizes.max()), np.uint8)

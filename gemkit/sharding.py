@@ -39,12 +39,12 @@ import jax
 import numpy as np
 from flax import linen, nnx
 from flax.core import spmd
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from gemkit.config import MESH_AXES as AXES   # one list of mesh axes: config checks it jax-free
 from gemkit.config import ConfigError
 
-AXES = ("data", "fsdp", "sequence", "tensor")
 RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
     ("seq", "sequence"),
@@ -236,7 +236,6 @@ def local_rows(mesh: Mesh, x: jax.Array) -> np.ndarray:
   process must call it: with several processes it gathers ``x``)."""
   if jax.process_count() == 1:
     return np.asarray(x)
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return full[process_rows(mesh, x.shape[0])]
 

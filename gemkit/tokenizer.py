@@ -36,6 +36,7 @@ import re
 from typing import Any, Sequence
 
 import numpy as np
+import tokenizers
 
 from gemkit.config import ConfigError
 
@@ -148,7 +149,6 @@ class ByteTokenizer(Tokenizer):
 
 def _byte_level_tokenizer():
   """The ByteTokenizer as a ``tokenizers.Tokenizer``."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
   char = bytes_to_unicode()
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={char[b]: b for b in range(256)},
                                                    merges=[]))
@@ -214,7 +214,6 @@ class HFTokenizer(Tokenizer):
     belongs (end of documents and completions) itself. ``split_special_tokens:
     true`` encodes special-token strings in text as text, as transformers does.
     """
-    import tokenizers  # pylint: disable=g-import-not-at-top
     path = pathlib.Path(path)
     if not (path / "tokenizer.json").is_file():
       raise ConfigError("tokenizer", _missing_tokenizer(path))

@@ -13,6 +13,8 @@ import pathlib
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from gemkit.config import ConfigError
 
@@ -79,7 +81,6 @@ def weight_files(path: str | pathlib.Path) -> dict[str, pathlib.Path]:
                     "unpickles: convert them to safetensors, e.g. "
                     "model.save_pretrained(dir, safe_serialization=True) in transformers")
     raise HFError(d, "no model.safetensors (nor model.safetensors.index.json)")
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   files = {}
   for f in found:
     with safe_open(f, framework="np") as handle:
@@ -113,7 +114,6 @@ class TensorReader:
     self._open.clear()
 
   def _handle(self, name: str):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     f = self.files[name]
     if f not in self._open:
       self._open[f] = safe_open(f, framework="np").__enter__()
@@ -146,7 +146,6 @@ def write_tensors(out_dir: pathlib.Path, tensors: Iterator[tuple[str, np.ndarray
   """Writes (name, array) pairs as ``model.safetensors``, or as shards of at most
   ``max_shard_bytes`` with ``model.safetensors.index.json``; at most one shard
   is held in host memory."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   names: list[list[str]] = []
   written, total, current, size = [], 0, {}, 0
 

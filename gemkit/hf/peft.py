@@ -72,10 +72,12 @@ import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: bf16 adapters read as such)
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from gemkit.surgery import lora
 from gemkit.hf import architectures
 from gemkit.hf.checkpoint import HFError, is_model_dir, read_config, read_json
+from gemkit.surgery import lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -218,7 +220,6 @@ def save_adapter(model: nnx.Module, out_dir: str | pathlib.Path, *, name: str | 
     config: the run config (or its ``model`` block), for ``init_from``.
   Returns: ``out_dir`` as a Path.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   tensors, peft_config = _export(model, name, base_name_or_path or _init_from(config))
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -371,7 +372,6 @@ def _check_config(pc: Mapping[str, Any], where: pathlib.Path) -> None:
 
 def _read_tensors(path: pathlib.Path) -> dict[str, dict[str, np.ndarray]]:
   """module -> {"A", "B", "m"} arrays of a PEFT safetensors file."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   out: dict[str, dict[str, np.ndarray]] = {}
   try:
     handle = safe_open(str(path), framework="np")

@@ -141,16 +141,25 @@ def _fwd_kernel(idx_ref, kind_ref, q_ref, k_ref, v_ref, *refs, cfg, lists):
     lse_ref[...] = lse
 
 
-def forward(cfg, q, k, v, q_seg, kv_seg, leaves, layout):
-  """``(o [B, Tp, Hq, D], lse [B, Hq, Tp])`` over the listed kv blocks."""
-  b, tp, hq, d = q.shape
+def _query_grid_specs(cfg, lists, d: int):
+  """On a (B, Hq, query block, list slot) grid over ``lists``: the kv block index
+  map and the BlockSpecs of a q-shaped input, of K / V (GQA: head h reads kv
+  head h // rep) and of a per-row statistic [B, Hq, Tp, 1]."""
   bq, bk, rep = cfg.block_q, cfg.block_kv, cfg.rep
-  lists = _Lists(layout)
   kv_block = lambda b_, h, qi, t, idx, kind: idx[lists.slot(b_, h, qi, t)]
   q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, qi, t, idx, kind: (b_, h, qi, 0))
   kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h, qi, t, idx, kind: (
       b_, jax.lax.div(h, rep), kv_block(b_, h, qi, t, idx, kind), 0))
-  lse_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, qi, t, idx, kind: (b_, h, qi, 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, qi, t, idx, kind: (b_, h, qi, 0))
+  return kv_block, q_spec, kv_spec, row_spec
+
+
+def forward(cfg, q, k, v, q_seg, kv_seg, leaves, layout):
+  """``(o [B, Tp, Hq, D], lse [B, Hq, Tp])`` over the listed kv blocks."""
+  b, tp, hq, d = q.shape
+  bq = cfg.block_q
+  lists = _Lists(layout)
+  kv_block, q_spec, kv_spec, lse_spec = _query_grid_specs(cfg, lists, d)
   extra_specs = _extra_specs(cfg, q_seg, leaves, lambda b_, h, qi, *_: qi, kv_block,
                              lambda b_, h, *_: h)
   grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -239,11 +248,7 @@ def backward(cfg, q, k, v, q_seg, kv_seg, leaves, layout, layout_t, o, lse, do):
 
   # dq: grid (B, Hq, nq, L) over the forward lists.
   fl = _Lists(layout)
-  kv_block = lambda b_, h, qi, t, idx, kind: idx[fl.slot(b_, h, qi, t)]
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h, qi, t, idx, kind: (b_, h, qi, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, h, qi, t, idx, kind: (
-      b_, jax.lax.div(h, rep), kv_block(b_, h, qi, t, idx, kind), 0))
-  st_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h, qi, t, idx, kind: (b_, h, qi, 0))
+  kv_block, q_spec, kv_spec, st_spec = _query_grid_specs(cfg, fl, d)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg, lists=fl),
       grid_spec=pltpu.PrefetchScalarGridSpec(

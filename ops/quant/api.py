@@ -68,9 +68,12 @@ class BlockSizes:
     tile (then ``impl="auto"`` falls back to XLA).
     """
     m, k, n = shape
-    return cls(*_KERNELS[kernel].default_block_sizes(
-        m, k, n, group_size=group_size or k, packed=fmt in PACKED_FORMATS,
-        x_dtype=dtype, device_kind=device_kind))
+    backend = _KERNELS[kernel]
+    kw = dict(group_size=group_size or k, packed=fmt in PACKED_FORMATS, x_dtype=dtype)
+    tuned = backend.TUNED_BLOCK_SIZES.get(device_kind)
+    if tuned and backend.block_sizes_error(*tuned, m=m, k=k, n=n, **kw) is None:
+      return cls(*tuned)
+    return cls(*backend.default_block_sizes(m, k, n, **kw))
 
   def validate(self, shape: tuple[int, int, int], dtype, *, kernel: str,
                fmt: str, group_size: int | None) -> None:

@@ -76,12 +76,8 @@ def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
 
 
 def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool,
-                        x_dtype, device_kind: str) -> tuple[int, int, int]:
-  """(bm, bn, bk): the tuned entry for ``device_kind`` if it fits, else a heuristic."""
-  tuned = TUNED_BLOCK_SIZES.get(device_kind)
-  if tuned and block_sizes_error(*tuned, m=m, k=k, n=n, group_size=group_size,
-                                 packed=packed, x_dtype=x_dtype) is None:
-    return tuned
+                        x_dtype) -> tuple[int, int, int]:
+  """(bm, bn, bk) by heuristic (``BlockSizes.get_default`` tries the tuned table first)."""
   bm = min(64, max(16, next_pow2(m)))
   # Untuned: the widest N tile that still gives >= 128 programs (an H100 has
   # 132 SMs; small-M decode is otherwise a handful of programs), else 16.

@@ -81,12 +81,8 @@ def block_sizes_error(bm: int, bn: int, bk: int, *, m: int, k: int, n: int,
 
 
 def default_block_sizes(m: int, k: int, n: int, *, group_size: int, packed: bool,
-                        x_dtype, device_kind: str) -> tuple[int, int, int]:
-  """(bm, bn, bk): the tuned entry for ``device_kind`` if it fits, else a heuristic."""
-  tuned = TUNED_BLOCK_SIZES.get(device_kind)
-  if tuned and block_sizes_error(*tuned, m=m, k=k, n=n, group_size=group_size,
-                                 packed=packed, x_dtype=x_dtype) is None:
-    return tuned
+                        x_dtype) -> tuple[int, int, int]:
+  """(bm, bn, bk) by heuristic (``BlockSizes.get_default`` tries the tuned table first)."""
   bm = min(256, round_up(max(m, 1), _sublanes(x_dtype)))
   step = math.lcm(128, group_size) if packed else 128
   fits = lambda b: k % b == 0 and (packed or b % group_size == 0 or group_size % b == 0)

@@ -152,21 +152,9 @@ def _attn_bwd_kernel(*refs, chunk, has_row):
   (states_ref, do_ref, dst_ref, dq_ref, dk_ref, dv_ref, dg_ref,
    dst0_ref) = refs[4 + has_row:]
   n_chunks = q_ref.shape[0] // chunk
-
-  def body(i, dst):
-    n = n_chunks - 1 - i
-    rows = pl.ds(n * chunk, chunk)
-    dq, dk, dv, dg, dst = ref.chunk_backward(
-        q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32),
-        v_ref[rows, :].astype(_F32), g_ref[rows, :],
-        grow_ref[n] if has_row else None, states_ref[n],
-        do_ref[rows, :].astype(_F32), dst)
-    dq_ref[rows, :] = dq
-    dk_ref[rows, :] = dk
-    dv_ref[rows, :] = dv
-    dg_ref[rows, :] = dg
-    return dst
-
+  ins = (q_ref, k_ref, v_ref, g_ref, grow_ref, states_ref, do_ref)
+  outs = (dq_ref, dk_ref, dv_ref, dg_ref)
+  body = lambda i, dst: ref.chunk_backward_refs(n_chunks - 1 - i, chunk, dst, ins, outs)
   dst0_ref[...] = jax.lax.fori_loop(0, n_chunks, body, dst_ref[...])
 
 

@@ -34,7 +34,7 @@ where it factors through a row r with j <= r <= i, in the spirit of the
 secondary chunking of Yang et al. 2024 ("Gated Linear Attention
 Transformers with Hardware-Efficient Training", sec. 4), by halving the
 chunk recursively. (Their two-level form, sub-chunks of 16 with [16, 16, K]
-diagonal blocks, measured 4x slower than the halving on a 2-core CPU.) The
+diagonal blocks, was slower than the halving on CPU: benchmarks/README.md.) The
 kernels step the state through sub-chunks of 16 tokens and evaluate each
 sub-chunk's scores element-wise in log space ([16, 16, K], ``pair_decay``).
 
@@ -52,6 +52,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from ops.common import next_pow2
 
@@ -244,6 +245,25 @@ def chunk_backward(q, k, v, g, g_row, st, do, dst):
     dg = jnp.sum(dg, axis=1, keepdims=True)
   dst = dst * jnp.exp(g_last) + _mm_tn(do, q * eg)
   return dq, dk, dv, dg, dst
+
+
+
+def chunk_backward_refs(n, chunk: int, dst, ins, outs):
+  """:func:`chunk_backward` of chunk ``n`` (rows ``n*chunk ..``) of a kernel's refs.
+
+  ``ins``: the refs (q, k, v, g [T, .], g_row (indexed by chunk) or None, states
+  [T/c, V, K], do [T, V]); ``outs``: (dq, dk, dv, dg) refs whose chunk rows
+  it writes. Returns dS entering the chunk (kernel body of both backends).
+  """
+  q, k, v, g, g_row, states, do = ins
+  rows = pl.ds(n * chunk, chunk)
+  grads = chunk_backward(q[rows, :].astype(jnp.float32), k[rows, :].astype(jnp.float32),
+                         v[rows, :].astype(jnp.float32), g[rows, :],
+                         None if g_row is None else g_row[n], states[n],
+                         do[rows, :].astype(jnp.float32), dst)
+  for out, value in zip(outs, grads[:4]):
+    out[rows, :] = value
+  return grads[4]
 
 
 def unit_lower_inverse(at: Array) -> Array:

@@ -36,6 +36,17 @@ def sublanes(dtype) -> int:
 # ------------------------------------------------------------------ linear_scan
 
 
+def _carry_call(kernel, grid, in_specs, out_specs, out_shape, carry_shape, interpret):
+  """``pl.pallas_call`` whose last grid axis walks time in order, carrying a float32
+  state in one VMEM scratch of ``carry_shape``; the other grid axes are parallel."""
+  return pl.pallas_call(
+      kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      scratch_shapes=[pltpu.VMEM(carry_shape, _F32)],
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel",) * (len(grid) - 1) + ("arbitrary",)),
+      interpret=interpret)
+
+
 def _scan_kernel(a_ref, b_ref, h0_ref, h_ref, hl_ref, carry, *, reverse, sub):
   """One (batch, channel tile, time block) step of h_t = a_t h_{t-1} + b_t."""
   step = pl.program_id(2)
@@ -84,18 +95,10 @@ def linear_scan(a: Array, b: Array, h0: Array, *, reverse: bool, block_t: int,
   state = pl.BlockSpec((None, 1, block_d), lambda i, j, s: (i, 0, j))
   kernel = functools.partial(_scan_kernel, reverse=reverse,
                              sub=min(block_t, sublanes(a.dtype)))
-  return pl.pallas_call(
-      kernel,
-      grid=(bsz, d // block_d, nt),
-      in_specs=[seq, seq, state],
-      out_specs=[seq, state],
-      out_shape=[jax.ShapeDtypeStruct(a.shape, jnp.result_type(a, b)),
-                 jax.ShapeDtypeStruct((bsz, 1, d), _F32)],
-      scratch_shapes=[pltpu.VMEM((1, block_d), _F32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )(a, b, h0)
+  out_shape = [jax.ShapeDtypeStruct(a.shape, jnp.result_type(a, b)),
+               jax.ShapeDtypeStruct((bsz, 1, d), _F32)]
+  return _carry_call(kernel, (bsz, d // block_d, nt), [seq, seq, state], [seq, state],
+                     out_shape, (1, block_d), interpret)(a, b, h0)
 
 
 # ------------------------------------------------------------- linear attention
@@ -180,17 +183,9 @@ def linear_attention_fwd(q, k, v, g, g_row, st0, *, chunk: int, block_t: int,
   ]
   kernel = functools.partial(_attn_fwd_kernel, chunk=chunk, has_row=has_row)
   args = (q, k, v, g) + ((g_row,) if has_row else ()) + (st0,)
-  return pl.pallas_call(
-      kernel,
-      grid=(bsz, nh, vdim // block_v, t // block_t),
-      in_specs=specs + [_state_spec(block_v, kdim)],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((block_v, kdim), _F32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )(*args)
+  return _carry_call(kernel, (bsz, nh, vdim // block_v, t // block_t),
+                     specs + [_state_spec(block_v, kdim)], out_specs, out_shape,
+                     (block_v, kdim), interpret)(*args)
 
 
 def _attn_bwd_kernel(*refs, chunk, has_row):
@@ -205,17 +200,10 @@ def _attn_bwd_kernel(*refs, chunk, has_row):
     carry[...] = dst_ref[...]
 
   dst = carry[...]
+  ins = (q_ref, k_ref, v_ref, g_ref, grow_ref, states_ref, do_ref)
+  outs = (dq_ref, dk_ref, dv_ref, dg_ref)
   for i in reversed(range(q_ref.shape[0] // chunk)):
-    rows = pl.ds(i * chunk, chunk)
-    dq, dk, dv, dg, dst = ref.chunk_backward(
-        q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32),
-        v_ref[rows, :].astype(_F32), g_ref[rows, :],
-        grow_ref[i] if has_row else None, states_ref[i],
-        do_ref[rows, :].astype(_F32), dst)
-    dq_ref[rows, :] = dq
-    dk_ref[rows, :] = dk
-    dv_ref[rows, :] = dv
-    dg_ref[rows, :] = dg
+    dst = ref.chunk_backward_refs(i, chunk, dst, ins, outs)
   carry[...] = dst
 
   @pl.when(step == pl.num_programs(3) - 1)
@@ -261,17 +249,8 @@ def linear_attention_bwd(q, k, v, g, g_row, states, do, dst, *, chunk: int,
                _state_spec(block_v, kdim)]
   kernel = functools.partial(_attn_bwd_kernel, chunk=chunk, has_row=has_row)
   args = (q, k, v, g) + ((g_row,) if has_row else ()) + (states, do, dst)
-  return pl.pallas_call(
-      kernel,
-      grid=(bsz, nh, nv, t // block_t),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((block_v, kdim), _F32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )(*args)
+  return _carry_call(kernel, (bsz, nh, nv, t // block_t), in_specs, out_specs, out_shape,
+                     (block_v, kdim), interpret)(*args)
 
 
 # ------------------------------------------------------------------- delta rule
@@ -314,17 +293,9 @@ def delta_rule_fwd(q, k, v, beta, beta_row, g, g_row, st0, *, chunk: int,
   specs, _ = _attn_specs(q.shape, 1, block_t=chunk, block_v=block_v,
                          chunk=chunk, has_row=True, reverse=False)
   q_s, k_s, v_s, col, row = specs
-  return pl.pallas_call(
-      _delta_fwd_kernel,
-      grid=(bsz, nh, vdim // block_v, t // chunk),
-      in_specs=[q_s, k_s, v_s, col, row, col, row, _state_spec(block_v, kdim)],
-      out_specs=[v_s, _state_spec(block_v, kdim)],
-      out_shape=[
-          jax.ShapeDtypeStruct((bsz, nh, t, vdim), jnp.result_type(q, k, v)),
-          jax.ShapeDtypeStruct((bsz, nh, vdim, kdim), _F32),
-      ],
-      scratch_shapes=[pltpu.VMEM((block_v, kdim), _F32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-  )(q, k, v, beta, beta_row, g, g_row, st0)
+  state = _state_spec(block_v, kdim)
+  out_shape = [jax.ShapeDtypeStruct((bsz, nh, t, vdim), jnp.result_type(q, k, v)),
+               jax.ShapeDtypeStruct((bsz, nh, vdim, kdim), _F32)]
+  return _carry_call(_delta_fwd_kernel, (bsz, nh, vdim // block_v, t // chunk),
+                     [q_s, k_s, v_s, col, row, col, row, state], [v_s, state],
+                     out_shape, (block_v, kdim), interpret)(q, k, v, beta, beta_row, g, g_row, st0)
