@@ -6,7 +6,7 @@ all of them on a GPU / TPU), each timed side by side in one process:
 - ``chunked``: a training step's cost (forward + backward: gradients of a
   scalar loss sum(o * w) wrt q, k, v and log_decay) of
   ``chunked_linear_attention(impl="xla")`` against ``jax.grad`` through
-  ``reference.linear_attention_steps`` (one ``lax.scan`` step per token), at
+  ``linear_attention_steps`` (one ``lax.scan`` step per token), at
   B=2, T=``--t`` (4096), H=4, K=V=128, for a per-head decay and a per-key
   (GLA) decay; the forward pass alone too.
 - ``scaling``: the chunked XLA forward + backward at T = ``--scaling_t``
@@ -48,7 +48,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402  pylint: disable=g-import-not-at-top
 from ops import scan  # noqa: E402  pylint: disable=g-import-not-at-top
-from ops.scan import reference  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CPU_SECTIONS = ("chunked", "scaling", "linear_scan")
 
@@ -81,7 +80,7 @@ def _chunked(impl="xla", chunk_size=64):
 
 
 def _sequential(q, k, v, g):
-  return reference.linear_attention_steps(q, k, v, g)
+  return scan.linear_attention_steps(q, k, v, g)
 
 
 def section_chunked(args, rows):

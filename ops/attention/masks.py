@@ -104,6 +104,7 @@ def _kinds(full, empty, xp):
   return xp.where(full, FULL, xp.where(empty, EMPTY, PARTIAL)).astype(xp.int8)
 
 
+# The masks below share one shape (a checked size, element, block_kinds), not a formula.
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class FullMask(Mask):

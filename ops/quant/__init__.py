@@ -6,7 +6,7 @@
 """
 
 from ops.quant.api import BlockSizes, dequantize, quantize, quantized_matmul
-from ops.quant.reference import ACT_FORMATS, FORMATS, QuantizedWeight
+from ops.quant.reference import ACT_FORMATS, DEFAULT_GROUP_SIZE, FORMATS, QuantizedWeight
 
-__all__ = ["ACT_FORMATS", "BlockSizes", "FORMATS", "QuantizedWeight", "dequantize",
-           "quantize", "quantized_matmul"]
+__all__ = ["ACT_FORMATS", "BlockSizes", "DEFAULT_GROUP_SIZE", "FORMATS", "QuantizedWeight",
+           "dequantize", "quantize", "quantized_matmul"]
