@@ -3,18 +3,15 @@
 For each pattern of ``passkey.patterns`` (``PATTERNS``: dense, topk,
 topk_quest, topk_quest_nsa, topk_nsa, sliding) a transformer is trained on
 the default corpus with a pass key planted at a uniformly random depth of
-every context (the task, its training stages, shared dense short contexts
+every context (the task, ``gemkit.synthetic.Passkey`` on a random span of
+the corpus's train split, its training stages, shared dense short contexts
 then 4K bytes per pattern, and the patterns are described in
-``experiments/passkey.py``)::
-
-  BOS  haystack[:a]  "\\nThe pass key is $K. Remember it. $K is the pass key.\\n"
-       haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "K."
-
-The haystack is a random span of the corpus's train split (document breaks
-become newlines). The loss is next-byte prediction on every position, with
-weight ``passkey.answer_weight`` on the key bytes to copy. Evaluation plants
-keys in held-out spans at ``passkey.eval_examples`` depths spread evenly over
-[0, 1] for each length of ``passkey.eval_lens`` and reports:
+``experiments/passkey.py``). Training rows (:func:`train_row`) pack such
+documents, each with ``passkey.train_questions`` extra questions; the loss is
+next-byte prediction on every position, with weight ``passkey.answer_weight``
+on the key bytes to copy. Evaluation plants keys in held-out spans at
+``passkey.eval_examples`` depths spread evenly over [0, 1] for each length of
+``passkey.eval_lens`` and reports:
 
 - ``acc``: all key digits are the argmax of a forward pass over prompt and
   answer (teacher forcing; how ``gemkit.evaluate`` scores synthetic tasks).
@@ -42,6 +39,7 @@ reuses them when the same stage is asked for again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -64,8 +62,71 @@ from gemkit import config as config_lib  # noqa: E402
 from gemkit import data as data_lib  # noqa: E402
 from gemkit import optim  # noqa: E402
 from gemkit import sample as sample_lib  # noqa: E402
+from gemkit import synthetic  # noqa: E402
 from gemkit import train as train_lib  # noqa: E402
-from experiments import passkey as task  # noqa: E402
+
+
+def pretrain_stages(text: str) -> list[tuple[int, int, int]]:
+  """``passkey.pretrain`` -> [(bytes, rows, steps)] of the shared dense stages."""
+  stages = []
+  for part in filter(None, (x.strip() for x in text.split(","))):
+    try:
+      length, rows, steps = (int(x) for x in part.split("x"))
+    except ValueError:
+      length = rows = steps = 0
+    if min(length, rows, steps) < 1:
+      raise ValueError(f"passkey.pretrain: each stage is BYTESxROWSxSTEPS of positive ints "
+                       f"(e.g. 256x8x300), got {part!r}")
+    stages.append((length, rows, steps))
+  return stages
+
+
+def passkey_task(p, tokens: np.ndarray) -> synthetic.Passkey:
+  """The task of the config block ``p`` (``passkey``) on spans of the corpus ``tokens``."""
+  return synthetic.Passkey(corpus=tokens, digits=p.digits, mark=p.mark, key_offset=p.key_offset,
+                           key_stride=p.key_stride, distinct_digits=p.distinct_digits)
+
+
+def train_row(task: synthetic.Passkey, rng: np.random.Generator, seq_len: int,
+              p) -> dict[str, np.ndarray]:
+  """One training row of ``seq_len`` inputs: ``task`` documents of uniformly
+  random lengths in [min_len, seq_len] (min_len 0: one document) with
+  ``train_questions`` extra questions, segment ids 1, 2, ..., loss weight
+  ``lm_weight`` on haystack bytes and ``answer_weight`` on the key bytes after
+  each question and on the needle's second key; the first target of each
+  document (its first byte, predicted from BOS) has weight ``lm_weight`` too."""
+  min_len = p.min_len or seq_len
+  toks, seg, weight, left = [], [], [], seq_len + 1
+  while left:
+    n = int(rng.integers(min_len, seq_len + 1))
+    n = left if left - n < min_len else min(n, left)
+    doc = dataclasses.replace(task, context_len=n - 1, depth=None,
+                              questions=p.train_questions).sample(rng)
+    w = np.full(n, p.lm_weight, np.float32)
+    for k in doc.info["keys_at"][1:]:            # the needle's second key, then each answer
+      w[k:k + p.digits] = p.answer_weight
+    w[0] = 0.0                                  # BOS follows another document
+    toks.append(doc.sequence)
+    seg.append(np.full(n, len(seg) + 1, np.int32))
+    weight.append(w)
+    left -= n
+  toks, seg, weight = (np.concatenate(x) for x in (toks, seg, weight))
+  return {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": seg[:-1],
+          "loss_mask": weight[1:]}
+
+
+def train_batch(task: synthetic.Passkey, rng: np.random.Generator, batch_size: int,
+                seq_len: int, p) -> dict[str, np.ndarray]:
+  rows = [train_row(task, rng, seq_len, p) for _ in range(batch_size)]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def score(pred: np.ndarray, tokens: np.ndarray, first: int, digits: int) -> np.ndarray:
+  """Per-digit hits [B, digits]: ``pred`` [B, >= first - 1 + digits] is the
+  argmax next token at each input position of ``tokens`` [B, N] (teacher
+  forcing), whose key starts at ``first``."""
+  return pred[:, first - 1:first - 1 + digits] == tokens[:, first:first + digits]
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _greedy(graphdef, params, frozen, inputs):
@@ -79,13 +140,14 @@ def evaluate(model, graphdef, params, frozen, stream, length: int, n: int, p, se
   generation), digit_acc (per digit) and acc / first per depth quarter."""
   rng = np.random.default_rng([seed, length])
   depths = (np.arange(n) + 0.5) / n
-  exs = [task.example(stream.tokens, rng, length, p, d) for d in depths]
-  first = exs[0][1][-1]   # same layout for every example of this length
+  task = dataclasses.replace(passkey_task(p, stream.tokens), context_len=length)
+  exs = [dataclasses.replace(task, depth=d).sample(rng) for d in depths]
+  first = exs[0].info["keys_at"][-1]   # same layout for every example of this length
   acc, gen, digit = [], [], []
   for i in range(0, n, batch_size):
-    tokens = np.stack([t for t, _, _ in exs[i:i + batch_size]])
+    tokens = np.stack([e.sequence for e in exs[i:i + batch_size]])
     pred = np.asarray(_greedy(graphdef, params, frozen, jnp.asarray(tokens[:, :-1])))
-    hit = task.score(pred, tokens, first, p.digits)
+    hit = score(pred, tokens, first, p.digits)
     acc += list(hit.all(1))
     digit += list(hit)
     if generate:
@@ -143,10 +205,11 @@ def train(cfg, corpus, log, tag: str, params=None, *, steps: int, seq_len: int,
   step_fn = jax.jit(functools.partial(train_lib.train_step, graphdef=graphdef, tx=tx,
                                       schedule=schedule, grad_accum=1, deterministic=True))
   rng = np.random.default_rng([cfg.seed, seq_len])
+  task = passkey_task(cfg.passkey, corpus.train.tokens)
   times, losses, probes = [], [], []
   start = time.perf_counter()
   for i in range(steps):
-    batch = task.train_batch(corpus.train.tokens, rng, batch_size, seq_len, cfg.passkey)
+    batch = train_batch(task, rng, batch_size, seq_len, cfg.passkey)
     t0 = time.perf_counter()
     state, metrics = step_fn(state, batch)
     losses.append(float(metrics["loss"]))          # waits for the step
@@ -212,8 +275,8 @@ def stage1_key(config) -> str:
   keys), data and the passkey keys of the training rows."""
   model = {k: v for k, v in config.model.to_dict().items() if k not in _PATTERN_ONLY}
   task_keys = {k: v for k, v in config.passkey.items() if k.startswith("pretrain")
-               or k in ("digits", "distinct_digits", "key_offset", "key_stride", "min_len",
-                        "lm_weight", "train_questions", "answer_weight")}
+               or k in ("digits", "mark", "distinct_digits", "key_offset", "key_stride",
+                        "min_len", "lm_weight", "train_questions", "answer_weight")}
   return json.dumps([config.seed, model, config.data.to_dict(), task_keys], sort_keys=True,
                     default=str)
 
@@ -237,7 +300,7 @@ def main(argv=None):
     if pattern not in PATTERNS:
       parser.error(f"passkey.patterns: {pattern!r} is not one of {list(PATTERNS)}")
   try:
-    stages = task.pretrain_stages(config.passkey.pretrain)
+    stages = pretrain_stages(config.passkey.pretrain)
   except ValueError as e:
     parser.error(str(e))
   machine = common.machine()

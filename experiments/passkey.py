@@ -1,8 +1,8 @@
 """Passkey retrieval with dense, top-k block and sliding-window attention.
 
-The task (Mohtashami & Jaggi 2023, "Landmark Attention"), on bytes: a pass key
-planted at a random depth of a span of the default corpus (Python stdlib
-sources), asked for at the end::
+The task is ``gemkit.synthetic.Passkey`` on a span of the default corpus
+(Python stdlib sources, bytes): a pass key planted at a random depth, asked
+for at the end, each copy of it after ``passkey.mark``::
 
   BOS  haystack[:a]  "\\nThe pass key is $K. Remember it. $K is the pass key.\\n"
        haystack[a:]  "\\nWhat is the pass key? The pass key is $"  "K."
@@ -53,13 +53,8 @@ where the fixed ``top_k`` keeps 1/8 of the blocks).
 from __future__ import annotations
 
 import ml_collections
-import numpy as np
 
 from experiments import lm_tiny
-from gemkit.data import BOS
-
-MARK = "$"   # before every key: a byte that is rare in the corpus (0.07 per 2K bytes)
-QUESTION = "\nWhat is the pass key? The pass key is " + MARK
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -93,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.passkey = ml_collections.ConfigDict()
   c.passkey.patterns = "dense,topk_quest,topk_quest_nsa,topk,sliding"  # benchmarks/passkey.py
   c.passkey.digits = 5
+  c.passkey.mark = "$"              # before every key: a byte rare in the corpus (0.07 per 2K)
   c.passkey.distinct_digits = False  # True: keys of 5 different digits
   c.passkey.key_offset = 128        # digit d at position i of the key is the byte
   c.passkey.key_stride = 10         #   key_offset + key_stride * i + d (48, 0: ASCII)
@@ -109,115 +105,3 @@ def get_config() -> ml_collections.ConfigDict:
   c.passkey.eval_batch = 4
   return c
 
-
-def pretrain_stages(text: str) -> list[tuple[int, int, int]]:
-  """``passkey.pretrain`` -> [(bytes, rows, steps)] of the shared dense stages."""
-  stages = []
-  for part in filter(None, (x.strip() for x in text.split(","))):
-    try:
-      length, rows, steps = (int(x) for x in part.split("x"))
-    except ValueError:
-      length = rows = steps = 0
-    if min(length, rows, steps) < 1:
-      raise ValueError(f"passkey.pretrain: each stage is BYTESxROWSxSTEPS of positive ints "
-                       f"(e.g. 256x8x300), got {part!r}")
-    stages.append((length, rows, steps))
-  return stages
-
-
-def make_key(rng: np.random.Generator, p: ml_collections.ConfigDict) -> str:
-  """A random key of ``p.digits`` symbols, the i-th ``chr(p.key_offset + p.key_stride * i
-  + d)`` for a digit d in 0..9 (offset 48, stride 0: decimal digits), the first with
-  d != 0; all digits different if ``p.distinct_digits``."""
-  if p.distinct_digits:
-    if not 1 <= p.digits <= 10:
-      raise ValueError(f"digits must be in 1..10 for distinct digits, got {p.digits}")
-    first = int(rng.integers(1, 10))
-    ds = [first] + rng.permutation([d for d in range(10) if d != first])[:p.digits - 1].tolist()
-  else:
-    ds = [int(c) for c in str(rng.integers(10 ** (p.digits - 1), 10 ** p.digits))]
-  return "".join(chr(p.key_offset + p.key_stride * i + d) for i, d in enumerate(ds))
-
-
-def needle(key: str) -> str:
-  return f"\nThe pass key is {MARK}{key}. Remember it. {MARK}{key} is the pass key.\n"
-
-
-def _bytes(s: str) -> np.ndarray:
-  return np.frombuffer(s.encode("latin-1"), np.uint8).astype(np.int32)
-
-
-def example(tokens: np.ndarray, rng: np.random.Generator, length: int,
-            p: ml_collections.ConfigDict, depth: float | None = None,
-            questions: int = 0) -> tuple[np.ndarray, list[int], str]:
-  """One passkey document of ``length + 1`` tokens from the corpus ``tokens``.
-
-  BOS, a random span of ``tokens`` (ids >= 256, document breaks, become
-  newlines; bytes >= 128, a few in the corpus, become "?" so that no key
-  symbol occurs in the haystack) with a needle holding the key of
-  ``make_key(rng, p)`` at ``depth`` of it (None: uniform), ``questions``
-  question-answer pairs at uniformly random places after the needle, then
-  the final question, the key and ".".
-
-  Returns (tokens [length + 1] int32, key starts to train on: the needle's
-  second copy of the key (a short-range copy, which teaches the induction head
-  that the long-range answers need) and each answer, the last one final; key).
-  """
-  key = make_key(rng, p)
-  qa = QUESTION + key + "."
-  hay_len = length - len(needle(key)) - (questions + 1) * len(qa)
-  if hay_len < 0:
-    raise ValueError(f"length {length} is too short for the needle and {questions + 1} "
-                     "questions")
-  start = int(rng.integers(0, tokens.size - hay_len + 1))
-  hay = tokens[start:start + hay_len].astype(np.int32)
-  hay = np.where(hay >= 256, ord("\n"), np.where(hay >= 128, ord("?"), hay))
-  at = int(rng.integers(0, hay_len + 1)) if depth is None else int(round(depth * hay_len))
-  cuts = [at] + sorted(rng.integers(at, hay_len + 1, questions).tolist()) + [hay_len]
-  pieces = [np.array([BOS], np.int32), hay[:at], _bytes(needle(key))]
-  keys = [1 + at + needle(key).rindex(MARK) + 1]  # the needle's second copy of the key
-  for lo, hi in zip(cuts[:-1], cuts[1:]):       # haystack, then a question and its answer
-    pieces.append(hay[lo:hi])
-    keys.append(sum(x.size for x in pieces) + len(QUESTION))
-    pieces.append(_bytes(qa))
-  return np.concatenate(pieces), keys, key
-
-
-def train_row(tokens: np.ndarray, rng: np.random.Generator, seq_len: int,
-              p: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """One training row of ``seq_len`` inputs: passkey documents of uniformly
-  random lengths in [min_len, seq_len] (min_len 0: one document), segment ids
-  1, 2, ..., loss weight ``lm_weight`` on haystack bytes and ``answer_weight``
-  on the key bytes after each question and on the needle's second key; the
-  first target of each document
-  (its first byte, predicted from BOS) has weight ``lm_weight`` too."""
-  min_len = p.min_len or seq_len
-  toks, seg, weight, left = [], [], [], seq_len + 1
-  while left:
-    n = int(rng.integers(min_len, seq_len + 1))
-    n = left if left - n < min_len else min(n, left)
-    doc, keys, _ = example(tokens, rng, n - 1, p, questions=p.train_questions)
-    w = np.full(n, p.lm_weight, np.float32)
-    for k in keys:
-      w[k:k + p.digits] = p.answer_weight
-    w[0] = 0.0                                  # BOS follows another document
-    toks.append(doc)
-    seg.append(np.full(n, len(seg) + 1, np.int32))
-    weight.append(w)
-    left -= n
-  toks, seg, weight = (np.concatenate(x) for x in (toks, seg, weight))
-  return {"inputs": toks[:-1], "targets": toks[1:], "segment_ids": seg[:-1],
-          "loss_mask": weight[1:]}
-
-
-def train_batch(tokens: np.ndarray, rng: np.random.Generator, batch_size: int, seq_len: int,
-                p: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  rows = [train_row(tokens, rng, seq_len, p) for _ in range(batch_size)]
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-
-def score(pred: np.ndarray, tokens: np.ndarray, first: int, digits: int) -> np.ndarray:
-  """Per-digit hits [B, digits]: ``pred`` [B, >= first - 1 + digits] is the
-  argmax next token at each input position of ``tokens`` [B, N] (teacher
-  forcing), whose key starts at ``first``."""
-  return pred[:, first - 1:first - 1 + digits] == tokens[:, first:first + digits]

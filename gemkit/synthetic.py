@@ -30,8 +30,9 @@ Tasks:
   "Zoology"): key-value pairs, then the keys again in random order; each
   query's value is an answer. ``seq_len`` pads with noise between the pairs
   and the queries, as Zoology spreads its queries over the sequence.
-* :class:`Passkey` - a number hidden at a relative ``depth`` of filler text of
-  ``context_len`` tokens (Mohtashami & Jaggi 2023, "Landmark Attention").
+* :class:`Passkey` - a number hidden at a relative ``depth`` of ``context_len``
+  tokens of filler text or of a byte corpus (Mohtashami & Jaggi 2023,
+  "Landmark Attention").
 * :class:`Counting` - count the 1s of a bit string modulo ``modulus``
   (``modulus=2`` is parity), the answer at the end or (``running``) after
   every bit.
@@ -43,6 +44,7 @@ Tasks:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import string
 from typing import Iterator, Sequence
@@ -96,8 +98,13 @@ class Example:
     end = first + (int(np.argmin(mask[first:])) if not mask[first:].all() else mask[first:].size)
     return self.targets[first:end]
 
+  @property
+  def sequence(self) -> np.ndarray:
+    """Inputs and the last target: the whole sequence of a language-modelling example."""
+    return np.append(self.inputs, self.targets[-1])
+
   def text(self, tokenizer: Tokenizer | None = None) -> str:
-    return resolve(tokenizer).decode(np.append(self.inputs, self.targets[-1]))
+    return resolve(tokenizer).decode(self.sequence)
 
   def _need_lm(self):
     if not self.lm:
@@ -190,53 +197,115 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
 
 @dataclasses.dataclass(frozen=True)
 class Passkey:
-  """A ``digits``-digit pass key at relative ``depth`` of filler text.
+  """A key of ``digits`` symbols at relative ``depth`` of a haystack, asked for at the end.
 
-  The example's inputs are at most ``context_len`` tokens (within one filler
-  sentence of it), counted as the tokenizer encodes each part alone (the
-  head, each filler sentence, the needle, the question, the answer): exact
-  for bytes, an upper bound for tokenizers that merge across the joins. The
-  filler is whole sentences of ``filler``; the prompt ends with the question
-  and the answer is the key followed by ``"."``.
+  The layout of Mohtashami & Jaggi (2023), ``M`` standing for ``mark``::
+
+      head  haystack[:a]  "The pass key is MK. Remember it. MK is the pass key."
+            haystack[a:]  "What is the pass key? The pass key is M"  | "K."
+
+  The haystack is one of:
+
+  * filler (``corpus`` None): whole sentences of ``filler`` after the paper's
+    head, the needle one more sentence; ``a`` counts sentences. The inputs
+    are at most ``context_len`` tokens (within one filler sentence of it),
+    counted as the tokenizer encodes each part alone: exact for bytes, an
+    upper bound for tokenizers that merge across the joins.
+  * a random span of ``corpus``, byte-tokenizer ids (an id >= 256, a
+    document break, becomes a newline and a byte >= 128 becomes "?"), with
+    no head and the needle and each question on lines of their own; ``a``
+    counts bytes, the inputs are exactly ``context_len`` bytes and each
+    character is one byte (Latin-1). Needs the byte tokenizer.
+
+  ``depth`` None draws ``a`` uniformly. ``questions`` more question-answer
+  pairs go at uniformly random places after the needle (in training rows,
+  more copies to learn). Symbol i of the key is ``chr(key_offset +
+  key_stride * i + d)`` for a digit d, the first d nonzero (default: a
+  decimal number), all d different if ``distinct_digits``.
+  ``info["keys_at"]`` holds the positions in the sequence (BOS first) of the
+  needle's two copies of the key and of each answer, counted as the
+  tokenizer encodes each part alone: exact for bytes, and for the answers
+  (pieces of their own) with any tokenizer.
   """
 
   context_len: int = 512
-  depth: float = 0.5
+  depth: float | None = 0.5
   digits: int = 5
   filler: str = FILLER
+  corpus: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+  questions: int = 0
+  mark: str = ""
+  key_offset: int = ord("0")
+  key_stride: int = 0
+  distinct_digits: bool = False
   name = "passkey"
 
   _HEAD = ("There is important info hidden inside a lot of irrelevant text. "
            "Find it and memorize it. ")
-  _QUESTION = "What is the pass key? The pass key is "
 
   def setting(self) -> dict:
     return {"context_len": self.context_len, "depth": self.depth}
 
   def sample(self, rng: np.random.Generator, tokenizer: Tokenizer | None = None) -> Example:
     tok = resolve(tokenizer)
-    size = lambda text: tok.encode(text).size
-    if not 0.0 <= self.depth <= 1.0:
+    if self.depth is not None and not 0.0 <= self.depth <= 1.0:
       raise ValueError(f"depth must be in [0, 1], got {self.depth}")
-    key = str(rng.integers(10 ** (self.digits - 1), 10 ** self.digits))
-    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    if self.corpus is None:
+      head, before, after, encode = self._HEAD, "", " ", lambda text: text
+    else:
+      require_bytes(tok, "passkey with a corpus haystack")
+      head, before, after, encode = "", "\n", "\n", lambda text: text.encode("latin-1")
+    size = lambda text: tok.encode(encode(text)).size
+    key, m = self._key(rng), self.mark
+    needle = [f"{before}The pass key is {m}", key, f". Remember it. {m}", key,
+              f" is the pass key.{after}"]
+    question = f"{before}What is the pass key? The pass key is {m}"
+    fixed = (size(head) + size("".join(needle))
+             + (self.questions + 1) * (size(question) + size(key + ".")))
+    budget = self.context_len - fixed     # inputs = BOS + prompt + answers - 1 token
+    if budget < 0:
+      raise ValueError(f"context_len={self.context_len} is too short (needs >= {fixed})")
+    hay = self._haystack(rng, budget, size)
+    n = len(hay)
+    at = int(rng.integers(0, n + 1)) if self.depth is None else int(round(self.depth * n))
+    cuts = [at] + sorted(rng.integers(at, n + 1, self.questions).tolist()) + [n]
+    parts = [(head + "".join(hay[:at]) + needle[0], False)] + [(t, False) for t in needle[1:]]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+      parts += [("".join(hay[lo:hi]) + question, False), (key + ".", True)]
+    starts = tok.encode("", bos=True).size + np.cumsum([0] + [size(t) for t, _ in parts])
+    keys_at = [int(starts[i]) for i, (_, answer) in enumerate(parts) if answer or i in (1, 3)]
+    pieces = [(encode("".join(t for t, _ in group)), answer)       # the text between answers
+              for answer, group in itertools.groupby(parts, key=lambda part: part[1])]
+    return Example.from_text(pieces, {"passkey": key, "needle_at": at, "keys_at": keys_at}, tok)
+
+  def _key(self, rng: np.random.Generator) -> str:
+    if self.distinct_digits:
+      if not 1 <= self.digits <= 10:
+        raise ValueError(f"digits must be in 1..10 for distinct digits, got {self.digits}")
+      first = int(rng.integers(1, 10))
+      rest = rng.permutation([d for d in range(10) if d != first])
+      ds = [first] + rest[:self.digits - 1].tolist()
+    else:
+      ds = [int(c) for c in str(rng.integers(10 ** (self.digits - 1), 10 ** self.digits))]
+    return "".join(chr(self.key_offset + self.key_stride * i + d) for i, d in enumerate(ds))
+
+  def _haystack(self, rng: np.random.Generator, budget: int, size) -> Sequence[str]:
+    """The haystack's units in ``budget`` tokens: filler sentences, or a corpus span's bytes."""
+    if self.corpus is not None:
+      start = int(rng.integers(0, self.corpus.size - budget + 1))
+      span = self.corpus[start:start + budget]
+      span = np.where(span >= 256, ord("\n"), np.where(span >= 128, ord("?"), span))
+      return bytes(span.astype(np.uint8)).decode("ascii")
     sentences = [s.strip() + " " for s in re.findall(r"[^.]+\.", self.filler) if s.strip()]
     if not sentences:
       raise ValueError(f"filler needs at least one sentence ending in '.', got {self.filler!r}")
-    fixed = size(self._HEAD) + size(needle) + size(self._QUESTION) + size(key + ".")
-    budget = self.context_len - fixed     # inputs = BOS + prompt + answer - 1 token
-    if budget < 0:
-      raise ValueError(f"context_len={self.context_len} is too short (needs >= {fixed})")
     cost = {s: size(s) for s in sentences}
     hay, i = [], 0
     while budget >= cost[sentences[i % len(sentences)]]:
       hay.append(sentences[i % len(sentences)])
       budget -= cost[hay[-1]]
       i += 1
-    at = int(round(self.depth * len(hay)))
-    prompt = self._HEAD + "".join(hay[:at]) + needle + "".join(hay[at:]) + self._QUESTION
-    return Example.from_text([(prompt, False), (key + ".", True)],
-                             {"passkey": key, "needle_sentence": at}, tok)
+    return hay
 
 
 @dataclasses.dataclass(frozen=True)

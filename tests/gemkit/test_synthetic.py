@@ -116,6 +116,17 @@ def test_passkey_answer_length_and_depth():
   assert fractions[0] < 0.12 and 0.4 < fractions[1] < 0.6 and fractions[2] > 0.8
 
 
+def test_passkey_questions_mark_and_key_positions():
+  task = synthetic.Passkey(context_len=600, depth=None, questions=2, mark="#")
+  for i in range(5):
+    e = synthetic.example(task, 0, i)
+    key, seq = e.info["passkey"], e.sequence
+    assert len(e) <= 600 and len(e.info["keys_at"]) == 2 + 3   # the needle's two, 3 answers
+    for k in e.info["keys_at"]:
+      assert TOK.decode(seq[k - 1:k + len(key)]) == "#" + key
+    assert TOK.decode(e.targets[e.loss_mask > 0]) == (key + ".") * 3
+
+
 def test_counting_answers_match_brute_force():
   for task in TASKS[6:9]:
     for e in synthetic.examples(task, 2, 20):
