@@ -79,7 +79,7 @@ class Step:
 STEPS = (
     Step("env", 60, 15, 60),
     Step("kernel_tests", 170, 30, 150),
-    Step("quant_matmul", 70, 20, 90),
+    Step("quant_matmul", 80, 20, 90),
     Step("scan", 55, 20, 90),
     Step("attention", 55, 20, 90),
     Step("train_step", 150, 60, 240),
@@ -193,7 +193,8 @@ def command(ctx: Ctx, step: str) -> tuple[list[str] | None, dict, str | None]:
       return bench(step) + ["--m=1,3", "--k=256", "--n=256", "--iters=1",
                             "--formats=int8,int4-g128,nf4-g64,w8a8-int8", "--peak_gbps=",
                             "--kernel=pallas_gpu", "--kernel_check=0"], {}, None
-    return bench(step) + ["--m=1,16,128,1024", "--k=4096", "--n=4096", "--iters=20"], {}, None
+    # The targets are at M <= 16 and M = 1024 (each M compiles every format anew).
+    return bench(step) + ["--m=1,16,1024", "--k=4096", "--n=4096", "--iters=20"], {}, None
   if step == "scan":
     if ctx.dry_run:
       return bench(step) + ["--sections=accel", "--tiny", "--iters=1",

@@ -44,7 +44,8 @@ def cross_lower(target: str, fn, *avals, expect_kernel: bool = True):
                                disabled_checks=checks)(*avals)
   if expect_kernel:
     assert KERNEL_CALL[platform] in exported.mlir_module(), (
-        f"no {KERNEL_CALL[platform]} in the {platform} lowering: no kernel ran")
+        f"no {KERNEL_CALL[platform]} in the {platform} lowering: the call did not "
+        "reach the kernel")
   return exported
 
 
