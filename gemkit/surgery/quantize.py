@@ -45,7 +45,6 @@ from flax import nnx
 
 from gemkit.surgery import paths
 from ops import quant
-from ops.quant.reference import DEFAULT_GROUP_SIZE
 
 _ALIASES = (("w8a8-int8", "int8-a8"), ("w8a8-fp8", "fp8-afp8"), ("w8a8", "int8-a8"))
 LLM_INT8_THRESHOLD = 6.0  # Dettmers et al. (2022)
@@ -78,7 +77,7 @@ class QuantSpec:
     if fmt not in quant.FORMATS:
       raise ValueError(f"spec {spec!r}: unknown format {fmt!r}; formats are "
                        f"{', '.join(quant.FORMATS)} (aliases w8a8, w8a8-fp8)")
-    kw: dict[str, Any] = {"group_size": DEFAULT_GROUP_SIZE.get(fmt)}
+    kw: dict[str, Any] = {"group_size": quant.DEFAULT_GROUP_SIZE.get(fmt)}
     for opt in options:
       if re.fullmatch(r"g\d+", opt):
         kw["group_size"] = int(opt[1:])
