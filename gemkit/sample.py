@@ -1,4 +1,4 @@
-"""Sampling with the KV cache: greedy, temperature, top-k and top-p (nucleus).
+"""Sampling with the decode cache (``models.lm``): greedy, temperature, top-k and top-p (nucleus).
 
 Prompts are right-padded and prefilled in one ``decode`` call with per-sequence
 lengths; then one token per step inside a jitted ``lax.scan``.

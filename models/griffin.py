@@ -1,7 +1,7 @@
 """Griffin and Hawk (De et al. 2024, "Griffin: Mixing Gated Linear Recurrences
 with Local Attention for Efficient Language Models"; the recurrentgemma code).
 
-Residual blocks (``models.recurrent``) whose temporal mixer follows
+The LM shell (``models.lm``) with temporal mixers that follow
 ``block_pattern`` cyclically: ``R`` a recurrent block, ``A`` a local (sliding
 window) attention block. Griffin is ``"RRA"``, Hawk ``"R"``. The MLP is the
 gated MLP with GeLU (expansion ``mlp_dim``).
@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers, recurrent, transformer
+from models import layers, lm, recurrent, transformer
 
 C = 8.0                       # the RG-LRU's fixed exponent scale c
 MAX_SQRT_GRADIENT = 1000.0    # bound on d sqrt(x) / dx near x = 0 (recurrentgemma)
@@ -207,7 +207,8 @@ class RecurrentBlock(nnx.Module):
     self.rg_lru = RGLRU(w, cfg.num_heads, impl=cfg.scan_impl, **kw)
     self.linear_out = layers.Dense(w, cfg.d_model, names=("mlp", "embed"), use_bias=bias, **kw)
 
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, *, train: bool = False):
+    del train   # the same in training
     u = self.conv(self.linear_x(x), segment_ids)
     h, _ = self.rg_lru(u, positions == 0)
     return self.linear_out(h * jax.nn.gelu(self.linear_y(x)))
@@ -234,13 +235,12 @@ class LocalAttention(nnx.Module):
     self.window = cfg.window
     self.attn = transformer.Attention(cfg.attention_config(), rngs=rngs)
 
-  def __call__(self, x, segment_ids, positions):
-    return self.attn(x, segment_ids, positions)
+  def __call__(self, x, segment_ids, positions, *, train: bool = False):
+    return self.attn(x, segment_ids, positions, train=train)
 
   def init_cache(self, batch_size: int, max_len: int, dtype) -> dict:
-    c = self.attn.cfg
-    shape = (batch_size, min(self.window, max_len), c.num_kv_heads, c.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    """The ring {"k", "v"} [B, min(window, max_len), Hkv, D]."""
+    return self.attn.init_cache(batch_size, min(self.window, max_len), dtype)
 
   def decode(self, x, cache, lengths, valid):
     """Slot s of the ring (size R) holds the latest position p < lengths with
@@ -275,11 +275,12 @@ class LocalAttention(nnx.Module):
     return self.attn._out(o), cache  # pylint: disable=protected-access
 
 
-class Griffin(recurrent.RecurrentLM):
+class Griffin(lm.LM):
   """Griffin / Hawk LM: ``__call__`` for training, ``init_cache`` + ``decode``."""
 
   def __init__(self, cfg: GriffinConfig, *, rngs: nnx.Rngs):
+    # Mixers first, then the shell: the order in which a seed draws the initial values.
     mixers = [RecurrentBlock(cfg, rngs=rngs) if kind == "R" else LocalAttention(cfg, rngs=rngs)
               for kind in cfg.block_types]
-    super().__init__(cfg, mixers, rngs=rngs, mlp_activation=jax.nn.gelu)
+    super().__init__(cfg, mixers.__getitem__, rngs=rngs, mlp_activation=jax.nn.gelu)
 

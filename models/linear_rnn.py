@@ -1,7 +1,7 @@
 """Linear-RNN language models: stacks of GLA, (gated) DeltaNet or Mamba-style layers.
 
-Residual blocks (``models.recurrent``: mixer, then SwiGLU MLP unless
-``mlp_dim`` = 0) around one kind of temporal mixer, ``mixer``:
+The LM shell (``models.lm``: mixer, then SwiGLU MLP unless ``mlp_dim`` = 0)
+around one kind of temporal mixer, ``mixer``:
 
 * ``"gla"`` - gated linear attention (Yang et al. 2024, "Gated Linear
   Attention Transformers with Hardware-Efficient Training"), per key-dim decay:
@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers, recurrent
+from models import layers, lm, recurrent
 from ops import scan
 
 MIXERS = ("gla", "deltanet", "gated_deltanet", "mamba")
@@ -159,7 +159,8 @@ class _MatrixStateMixer(nnx.Module):
     o = self.o_norm(o).reshape(B, T, -1) * jax.nn.silu(self.g_proj(x))
     return self.o_proj(o)
 
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, *, train: bool = False):
+    del train   # the same in training
     q, k, v, _ = self._qkv(x, segment_ids, None)
     o, _ = self._run(x, q, k, v, positions == 0, None, None)
     return self._output(x, o)
@@ -307,7 +308,8 @@ class DiagonalSSM(nnx.Module):
     y = y + self.d_skip[...].astype(jnp.float32) * u.astype(jnp.float32)
     return self.out_proj((y * jax.nn.silu(z.astype(jnp.float32))).astype(u.dtype)), h_last
 
-  def __call__(self, x, segment_ids, positions):
+  def __call__(self, x, segment_ids, positions, *, train: bool = False):
+    del train   # the same in training
     u, z, _ = self._branches(x, segment_ids, None)
     return self._ssm(u, z, positions == 0, None, None)[0]
 
@@ -333,9 +335,10 @@ _MIXER_CLASSES = {"gla": GatedLinearAttention, "deltanet": DeltaNet,
                   "gated_deltanet": DeltaNet, "mamba": DiagonalSSM}
 
 
-class LinearRNN(recurrent.RecurrentLM):
+class LinearRNN(lm.LM):
   """A stack of ``cfg.mixer`` layers: ``__call__`` for training, ``decode`` for sampling."""
 
   def __init__(self, cfg: LinearRNNConfig, *, rngs: nnx.Rngs):
+    # Mixers first, then the shell: the order in which a seed draws the initial values.
     mixers = [_MIXER_CLASSES[cfg.mixer](cfg, rngs=rngs) for _ in range(cfg.num_layers)]
-    super().__init__(cfg, mixers, rngs=rngs)
+    super().__init__(cfg, mixers.__getitem__, rngs=rngs)

@@ -1,4 +1,5 @@
-"""Decoder-only transformer LM (Llama/Gemma style) in Flax NNX.
+"""Decoder-only transformer LM (Llama/Gemma style) in Flax NNX: the LM shell
+(``models.lm``) with attention as the mixer of every layer.
 
     x_0   = c * E[tokens]                     (c = embed_scale, default sqrt(d))
     x'_l  = x_l + Attn(RMSNorm(x_l))          (RoPE, grouped-query heads)
@@ -26,8 +27,9 @@ The config fields cover the pretrained families that ``gemkit.hf`` imports
 
 Packed training sequences carry ``segment_ids`` [B, T]: a token attends only
 to earlier tokens of its own segment and RoPE positions restart at each
-segment. ``decode`` runs the same layers incrementally against a
-:class:`KVCache` (prefill with many tokens, then one token per step).
+segment. ``decode`` runs the same layers incrementally against the keys and
+values of every layer (``init_cache``; prefill with many tokens, then one
+token per step).
 
 The attention pattern comes from ``config.model.attention`` (query i, key j,
 positions in the packed row, always causal and within the segment):
@@ -69,12 +71,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models import layers
+from models import layers, lm
 from ops import attention as attention_ops
 from ops import common
 
@@ -204,22 +205,6 @@ class TransformerConfig:
     if p and p[index % len(p)] == "L":
       return dataclasses.replace(self, attention="sliding", layer_pattern="")
     return self
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Keys and values of every layer and the filled length of each sequence.
-
-  k, v: [num_layers, B, max_len, num_kv_heads, head_dim]; lengths: [B] int32.
-  """
-
-  k: jax.Array
-  v: jax.Array
-  lengths: jax.Array
-
-  @property
-  def max_len(self) -> int:
-    return self.k.shape[2]
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, q_seg: jax.Array,
@@ -443,21 +428,26 @@ class Attention(nnx.Module):
   def _gate(self, x: jax.Array) -> jax.Array | None:
     return jax.nn.sigmoid(self.cmp_gate(x)) if self.compressed else None
 
-  def decode(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
-             lengths: jax.Array, num_valid: jax.Array | None = None):
+  def init_cache(self, batch_size: int, max_len: int, dtype) -> dict:
+    """Zero keys and values of every position: {"k", "v"} [B, max_len, Hkv, D]."""
+    shape = (batch_size, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+  def decode(self, x: jax.Array, cache: dict, lengths: jax.Array, valid: jax.Array):
     """Attends new tokens x [B, Tn, d] at positions lengths + i to cache and themselves.
 
-    Returns (out [B, Tn, d], k_cache, v_cache) with the new keys/values written
-    at positions lengths .. lengths + Tn - 1 of each sequence. ``num_valid``
-    [B] (default Tn): the real new tokens (the rest is right padding).
+    Returns (out [B, Tn, d], cache) with the new keys/values written at
+    positions lengths .. lengths + Tn - 1 of each sequence. ``valid`` [B, Tn]
+    marks the real new tokens, a prefix (the rest is right padding, which the
+    next call overwrites).
     """
     B, Tn, _ = x.shape
     positions = lengths[:, None] + jnp.arange(Tn)[None]
     q, k, v = self._qkv(x, positions)
     write = jax.vmap(lambda c, new, at: jax.lax.dynamic_update_slice_in_dim(c, new, at, 0))
-    k_cache = write(k_cache, k.astype(k_cache.dtype), lengths)
-    v_cache = write(v_cache, v.astype(v_cache.dtype), lengths)
-    kc, vc = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    cache = {name: write(cache[name], new.astype(cache[name].dtype), lengths)
+             for name, new in (("k", k), ("v", v))}
+    kc, vc = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
     if Tn == 1:
       o = self._decode_step(q[:, 0], kc, vc, lengths + 1)[:, None]
       # Pages by Quest bounds, not the branch's probabilities: the passkey benchmark
@@ -471,9 +461,8 @@ class Attention(nnx.Module):
       mask = attention_mask(positions, k_pos, ones(positions), ones(k_pos))
       o = self.dense(q, kc, vc, mask)
     else:
-      o = self._prefill(q, kc, vc, lengths, Tn if num_valid is None else num_valid,
-                        self._gate(x))
-    return self._out(o), k_cache, v_cache
+      o = self._prefill(q, kc, vc, lengths, valid.sum(1), self._gate(x))
+    return self._out(o), cache
 
   def _prefill(self, q, kc, vc, lengths, num_valid, gate=None):
     """Several new queries: the training attention over the whole cache, with
@@ -514,120 +503,12 @@ class Attention(nnx.Module):
     return _per_shard(op, q, kc, vc, lengths, impl=cfg.attention_impl, single_query=True)
 
 
-def norm(cfg, features: int | None = None, **kw) -> layers.RMSNorm:
-  """The config's RMSNorm (eps, offset, dtypes) over ``features`` (default d_model)."""
-  return layers.RMSNorm(features or cfg.d_model, eps=cfg.norm_eps, offset=cfg.norm_offset,
-                        dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                        **kw)
-
-
-class Block(nnx.Module):
-  """Pre-norm residual block: attention then gated MLP.
-
-      x' = x + N'(Attn(N(x))),   y = x' + N'(MLP(N(x')))
-
-  where N' is a second RMSNorm with ``post_norms`` (Gemma 2), else identity.
-  """
+class Transformer(lm.LM):
+  """The LM shell (``models.lm``) with attention mixers: ``blocks/i/attn_norm``,
+  ``blocks/i/attn`` (:class:`Attention` with ``cfg.layer(i)``), Gemma 2's
+  ``post_attn_norm`` / ``post_mlp_norm`` with ``post_norms``."""
 
   def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
-    self.attn_norm = norm(cfg, rngs=rngs)
-    self.attn = Attention(cfg, rngs=rngs)
-    self.mlp_norm = norm(cfg, rngs=rngs)
-    self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, use_bias=cfg.mlp_bias,
-                               activation=layers.activation(cfg.mlp_activation), **kw)
-    post = cfg.post_norms
-    self.post_attn_norm = norm(cfg, rngs=rngs) if post else None
-    self.post_mlp_norm = norm(cfg, rngs=rngs) if post else None
-    self.dropout = nnx.Dropout(cfg.dropout_rate)
-
-  @staticmethod
-  def _post(norm_layer, h):
-    return h if norm_layer is None else norm_layer(h)
-
-  def __call__(self, x, segment_ids, positions, *, deterministic: bool = True,
-               rngs: nnx.Rngs | None = None, train: bool = False):
-    drop = lambda h: self.dropout(h, deterministic=deterministic, rngs=rngs)
-    h = self.attn(self.attn_norm(x), segment_ids, positions, train=train)
-    x = x + drop(self._post(self.post_attn_norm, h))
-    x = x + drop(self._post(self.post_mlp_norm, self.mlp(self.mlp_norm(x))))
-    return layers.constrain(x, ("batch", "seq", "embed"))
-
-  def decode(self, x, k_cache, v_cache, lengths, num_valid=None):
-    h, k_cache, v_cache = self.attn.decode(self.attn_norm(x), k_cache, v_cache, lengths,
-                                           num_valid)
-    x = x + self._post(self.post_attn_norm, h)
-    return x + self._post(self.post_mlp_norm, self.mlp(self.mlp_norm(x))), k_cache, v_cache
-
-
-class Transformer(nnx.Module):
-  """The LM: ``__call__`` for training, ``init_cache`` + ``decode`` for sampling."""
-
-  def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-    self.cfg = cfg
-    self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, rngs=rngs,
-                              scale=cfg.embed_scale or None, **kw)
-    self.blocks = nnx.List([Block(cfg.layer(i), rngs=rngs) for i in range(cfg.num_layers)])
-    self.final_norm = norm(cfg, rngs=rngs)
-    self.head = (None if cfg.tie_embeddings else
-                 layers.Dense(cfg.d_model, cfg.vocab_size, names=("embed", "vocab"),
-                              rngs=rngs, **kw))
-
-  def _logits(self, x: jax.Array) -> jax.Array:
-    x = self.final_norm(x)
-    logits = (self.embed.attend(x) if self.head is None else self.head(x)).astype(jnp.float32)
-    return layers.softcap(logits, self.cfg.logits_softcap)
-
-  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None, *,
-               deterministic: bool = True, rngs: nnx.Rngs | None = None,
-               train: bool | None = None) -> jax.Array:
-    """tokens [B, T] int -> logits [B, T, vocab] float32.
-
-    segment_ids [B, T] (default: one segment) separate packed documents.
-    ``train`` (S2 attention is on in training only) defaults to whether
-    ``rngs`` are given: ``gemkit.train`` passes its dropout keys to every
-    training step, evaluation and sampling pass none.
-    """
-    train = rngs is not None if train is None else train
-    if segment_ids is None:
-      segment_ids = jnp.ones_like(tokens)
-    positions = layers.segment_positions(segment_ids)
-    x = layers.constrain(self.embed(tokens), ("batch", "seq", "embed"))
-
-    def run(block, x, rngs):
-      return block(x, segment_ids, positions, deterministic=deterministic, rngs=rngs,
-                   train=train)
-
-    if self.cfg.remat:
-      run = nnx.remat(run)
-    for block in self.blocks:
-      x = run(block, x, rngs)
-    return self._logits(x)
-
-  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
-    cfg = self.cfg
-    shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = dtype or jnp.dtype(cfg.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                   jnp.zeros((batch_size,), jnp.int32))
-
-  def decode(self, tokens: jax.Array, cache: KVCache,
-             num_valid: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Appends tokens [B, Tn] to the cache; returns their logits [B, Tn, vocab].
-
-    ``num_valid`` [B] (default Tn) is how many of the Tn tokens are real for
-    each sequence (ragged right-padded prompts): lengths advance by it and the
-    padding's cache entries are overwritten by the next call. The caller keeps
-    lengths + Tn <= cache.max_len.
-    """
-    if num_valid is None:
-      num_valid = jnp.full(tokens.shape[:1], tokens.shape[1], jnp.int32)
-    x = self.embed(tokens)
-    ks, vs = [], []
-    for i, block in enumerate(self.blocks):
-      x, k, v = block.decode(x, cache.k[i], cache.v[i], cache.lengths, num_valid)
-      ks.append(k)
-      vs.append(v)
-    cache = KVCache(jnp.stack(ks), jnp.stack(vs), cache.lengths + num_valid.astype(jnp.int32))
-    return self._logits(x), cache
+    super().__init__(cfg, lambda i: Attention(cfg.layer(i), rngs=rngs), rngs=rngs,
+                     names=("attn_norm", "attn"), post_norms=cfg.post_norms,
+                     mlp_activation=layers.activation(cfg.mlp_activation))
