@@ -75,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.async_checkpoint = True
   c.train.tensorboard = False
+  c.train.compilation_cache_dir = "auto"  # compiled steps kept across runs: "auto" (the user's
+                                    # cache dir), a path (relative: under the workdir), "": off
   c.train.sample_prompt = "def "
   c.train.sample_tokens = 120
 

@@ -60,4 +60,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.log_every = 100
+  c.train.compilation_cache_dir = "auto"  # as experiments/lm_tiny.py
   return c

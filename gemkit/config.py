@@ -151,6 +151,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
   _require(t.get("max_nonfinite_steps", 0) >= 0, "train.max_nonfinite_steps",
            f"must be >= 0 (0: never stop), got {t.get('max_nonfinite_steps')}")
+  _require(isinstance(t.get("compilation_cache_dir", ""), str), "train.compilation_cache_dir",
+           f"must be a directory, 'auto' or '' (off), got {t.get('compilation_cache_dir')!r}")
   _validate_mesh(config)
 
 

@@ -4,10 +4,10 @@ The train state is a plain pytree (params as a pure dict, optax state, step,
 RNG key data), sharded over the mesh by the parameters' logical names; the
 step donates all of it but the frozen part (which it only reads). A step
 takes a global batch [B, T], splits it into ``grad_accum`` micro-batches
-(``lax.scan``), and applies one AdamW update with
+(``lax.scan``; none when it is 1), and applies one AdamW update with
 the token-weighted mean gradient
 
-    g = sum_m grad(sum_t mask * nll) / sum_m sum_t mask
+    g = sum_m grad(sum_t mask * nll / N),    N = sum_m sum_t mask
 
 so accumulation gives the same update as one big batch. The loss masks
 padding and targets in another document than their input (packed segments).
@@ -28,6 +28,11 @@ same Trainer: each reads its own rows of every global batch, and all of them
 write their shards of each checkpoint. SIGTERM (a preemption notice) saves a
 checkpoint at the next step boundary, agreed by all processes, and exits with
 status 0; running the same command again resumes from it.
+
+Compiled steps persist across processes in JAX's compilation cache
+(``train.compilation_cache_dir``, :func:`enable_compilation_cache`), so a
+restarted or resumed run, or a new one of the same shapes, skips XLA's
+compile.
 """
 
 from __future__ import annotations
@@ -108,45 +113,48 @@ def _fold_in_path(path, key, shape):
   return jax.random.fold_in(key, zlib.crc32("/".join(map(str, path)).encode()) & 0x7FFFFFFF)
 
 
-def _loss_sums(graphdef, params, frozen, batch, key, deterministic):
+def _loss_sum(graphdef, params, frozen, batch, key, deterministic, denom):
+  """sum_t mask * nll / denom of ``batch`` (denom: the whole step's target count)."""
   model = merge_model(graphdef, params, frozen)
   if not deterministic:   # dropout layers holding an RNG stream (LoRA adapters) use this key
     model = nnx.view(model, only=nnx.Dropout, deterministic=False, raise_if_not_found=False)
     nnx.reseed(model, dropout=key, policy=_fold_in_path)
   logits = model(batch["inputs"], batch["segment_ids"], deterministic=deterministic,
                  rngs=nnx.Rngs(dropout=key))
-  mask = batch["loss_mask"]
-  return jnp.sum(token_nll(logits, batch["targets"]) * mask), jnp.sum(mask)
+  return jnp.sum(token_nll(logits, batch["targets"]) * batch["loss_mask"]) / denom
 
 
 def train_step(state: TrainState, batch: dict, *, graphdef, tx: optax.GradientTransformation,
                schedule: optax.Schedule, grad_accum: int, deterministic: bool):
   """One optimizer update on ``batch`` (arrays [B, T]); returns (state, metrics).
 
-  If the loss or the gradient norm is not finite the update is skipped
-  (params and optimizer state unchanged, ``step`` still advances past the
-  batch) and the state's non-finite counters, when present, count it.
+  The loss is divided by the batch's target count before differentiating,
+  so the gradient comes out as the token mean (no pass over the gradients to
+  divide them). ``grad_accum`` > 1 sums the micro-batches' gradients in a
+  ``lax.scan``; 1 differentiates the batch directly (no scan, no zero
+  accumulator). If the loss or the gradient norm is not finite the update is
+  skipped (params and optimizer state unchanged, ``step`` still advances past
+  the batch) and the state's non-finite counters, when present, count it.
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
-
-  def loss_fn(params, mb, mb_key):
-    loss_sum, count = _loss_sums(graphdef, params, state.frozen, mb, mb_key, deterministic)
-    return loss_sum, count
-
-  def accumulate(carry, inputs):
-    grads, loss_sum, count = carry
-    i, mb = inputs
-    (ls, n), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, mb, jax.random.fold_in(key, i))
-    return (jax.tree.map(jnp.add, grads, g), loss_sum + ls, count + n), None
-
-  zeros = jax.tree.map(jnp.zeros_like, state.params)
-  (grads, loss_sum, count), _ = jax.lax.scan(
-      accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
+  count = jnp.sum(batch["loss_mask"])
   denom = jnp.maximum(count, 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
-  loss, grad_norm = loss_sum / denom, optax.tree.norm(grads)
+  loss_and_grad = jax.value_and_grad(
+      lambda params, mb, mb_key: _loss_sum(graphdef, params, state.frozen, mb, mb_key,
+                                           deterministic, denom))
+  if grad_accum == 1:
+    loss, grads = loss_and_grad(state.params, batch, jax.random.fold_in(key, 0))
+  else:
+    def accumulate(carry, inputs):
+      i, mb = inputs
+      ls, g = loss_and_grad(state.params, mb, jax.random.fold_in(key, i))
+      return (jax.tree.map(jnp.add, carry[0], g), carry[1] + ls), None
+
+    micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, loss), _ = jax.lax.scan(accumulate, (zeros, 0.0),
+                                    (jnp.arange(grad_accum), micro))
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -211,6 +219,49 @@ def heldout_loss(graphdef, params, frozen, batches, token_bytes=None, *,
   return summarize_eval(totals)
 
 
+USER_CACHE = "auto"     # train.compilation_cache_dir: the user's cache directory
+
+
+def compilation_cache_path(setting: str, workdir: str | os.PathLike) -> pathlib.Path | None:
+  """Where ``train.compilation_cache_dir`` = ``setting`` keeps compiled programs.
+
+  "" is off (None); "auto" is the user's cache directory,
+  ``$XDG_CACHE_HOME/gemkit/jax`` (default ``~/.cache/gemkit/jax``), shared by
+  every run of this user; a relative path lies under ``workdir``; ``~``
+  expands.
+  """
+  if not setting:
+    return None
+  if setting == USER_CACHE:
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "gemkit" / "jax"
+  path = pathlib.Path(setting).expanduser()
+  return path if path.is_absolute() else pathlib.Path(workdir) / path
+
+
+def enable_compilation_cache(setting: str, workdir: str | os.PathLike) -> pathlib.Path | None:
+  """Turns on JAX's persistent compilation cache at :func:`compilation_cache_path`.
+
+  Process-wide (JAX has one cache): the last Trainer's setting wins, and ""
+  leaves JAX's own (``JAX_COMPILATION_CACHE_DIR``, default off) alone. Every
+  program that took at least 0.5 s to compile is kept (the train, eval and
+  init steps; not the many tiny ones), whatever its size. Returns the
+  directory, or None when off.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache
+  path = compilation_cache_path(setting, workdir)
+  if path is None:
+    return None
+  path.mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if jax.config.jax_compilation_cache_dir != str(path):
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()   # JAX opens its cache once; reopen it at the new path
+  return path
+
+
 def count_params(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -263,6 +314,8 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
+    self.compilation_cache = enable_compilation_cache(
+        config.train.get("compilation_cache_dir", ""), self.workdir)
     self.writer = writer or metrics_lib.MetricWriter(
         self.workdir, tensorboard=config.train.tensorboard,
         is_main=jax.process_index() == 0)

@@ -70,6 +70,104 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
   a.close(), b.close()
 
 
+def _one_step(trainer, batch):
+  trainer.state, metrics = trainer._train_step(trainer.state, trainer._device_batch(batch))
+  return jax.device_get(metrics)
+
+
+def test_accumulation_weights_tokens_not_micro_batches(tmp_path):
+  """Micro-batches with different target counts (padding): still the one-big-batch update."""
+  a = train.Trainer(tiny_config(tmp_path), tmp_path / "a")
+  b = train.Trainer(tiny_config(tmp_path, **{"train.grad_accum": 4}), tmp_path / "b")
+  batch = dict(next(a.data_iter))
+  batch["loss_mask"] = batch["loss_mask"].copy()
+  batch["loss_mask"][:2, 3:] = 0.0        # micro-batch 0: 6 targets; the others: 2 rows each
+  batch["loss_mask"][4, 10:] = 0.0
+  ma, mb = _one_step(a, batch), _one_step(b, batch)
+  assert ma["tokens"] == mb["tokens"] == batch["loss_mask"].sum()
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+  np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-5)
+  chex.assert_trees_all_close(_params(a), _params(b), rtol=1e-5, atol=1e-6)
+  a.close(), b.close()
+
+
+def test_packed_rows_train_like_separate_documents(tmp_path):
+  """Two documents packed in a row (segment ids 1, 2) give the loss and gradient of
+  the same documents in rows of their own (right-padded, segment 0 masked)."""
+  seq = 32
+  docs = np.random.default_rng(0).integers(3, 259, (4, 2, seq // 2 + 1)).astype(np.int32)
+
+  def rows(pieces):   # pieces: per row, a list of documents [n + 1] tokens
+    out = {k: np.zeros((len(pieces), seq), dt) for k, dt in
+           (("inputs", np.int32), ("targets", np.int32), ("segment_ids", np.int32),
+            ("loss_mask", np.float32))}
+    for r, row in enumerate(pieces):
+      at = 0
+      for s, doc in enumerate(row, 1):
+        n = doc.size - 1
+        out["inputs"][r, at:at + n], out["targets"][r, at:at + n] = doc[:-1], doc[1:]
+        out["segment_ids"][r, at:at + n], out["loss_mask"][r, at:at + n] = s, 1.0
+        at += n
+    return out
+
+  packed = rows([[d[0], d[1]] for d in docs])                      # 4 rows of 2 documents
+  separate = rows([[d[i]] for d in docs for i in range(2)])        # 8 rows of 1 document
+  runs = {}
+  for name, batch in (("packed", packed), ("separate", separate)):
+    cfg = tiny_config(tmp_path, **{"train.batch_size": len(batch["inputs"]),
+                                   "data.seq_len": seq})
+    t = train.Trainer(cfg, tmp_path / name)
+    runs[name] = _one_step(t, batch)
+    t.close()
+  np.testing.assert_allclose(runs["packed"]["loss"], runs["separate"]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(runs["packed"]["grad_norm"], runs["separate"]["grad_norm"],
+                             rtol=1e-4)
+
+
+def test_nonfinite_step_is_skipped_inside_the_step(tmp_path):
+  t = train.Trainer(tiny_config(tmp_path), tmp_path / "run")
+  good = next(t.data_iter)
+  _one_step(t, good)
+  before = jax.device_get((t.state.params, t.state.opt_state))
+  bad = dict(good, loss_mask=np.where(np.arange(good["loss_mask"].size).reshape(
+      good["loss_mask"].shape) == 5, np.inf, good["loss_mask"]).astype(np.float32))
+  for run in (1, 2):
+    m = _one_step(t, bad)
+    assert m["skipped"] == 1 and m["nonfinite_run"] == run and m["skipped_total"] == run
+    assert not np.isfinite(m["loss"])
+    chex.assert_trees_all_equal(jax.device_get((t.state.params, t.state.opt_state)), before)
+  assert t.step == 3
+  m = _one_step(t, good)
+  assert m["skipped"] == 0 and m["nonfinite_run"] == 0 and m["skipped_total"] == 2
+  assert not np.array_equal(jax.device_get(t.state.params["embed"]["embedding"]),
+                            before[0]["embed"]["embedding"])
+  t.close()
+
+
+def test_compilation_cache_path(tmp_path, monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert train.compilation_cache_path("", tmp_path) is None
+  assert train.compilation_cache_path("auto", "w") == tmp_path / "xdg" / "gemkit" / "jax"
+  assert train.compilation_cache_path("cache", tmp_path / "w") == tmp_path / "w" / "cache"
+  assert train.compilation_cache_path(str(tmp_path / "c"), "w") == tmp_path / "c"
+
+
+def test_compiled_steps_persist_in_the_cache(tmp_path):
+  # pylint: disable-next=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache
+  previous = jax.config.jax_compilation_cache_dir
+  try:
+    t = train.Trainer(tiny_config(tmp_path, **{"train.compilation_cache_dir": "xla_cache",
+                                               "train.steps": 1}), tmp_path / "run")
+    t.run()
+    t.close()
+    assert t.compilation_cache == tmp_path / "run" / "xla_cache"
+    assert any(t.compilation_cache.iterdir())                 # the train step, at least
+  finally:
+    jax.config.update("jax_compilation_cache_dir", previous)
+    compilation_cache.reset_cache()
+
+
 @pytest.mark.parametrize("adapted", [False, True])
 def test_model_fn_arrays_survive_training(tmp_path, adapted):
   """Regression: the step donated TrainState.frozen, deleting the caller's base arrays."""
