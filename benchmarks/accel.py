@@ -125,7 +125,8 @@ def env_probe(out: str) -> None:
   except Exception as e:  # pylint: disable=broad-except
     found["ops_import"] = f"{type(e).__name__}: {e}"
   if shutil.which("nvidia-smi"):
-    q = "name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw"
+    q = ("name,driver_version,memory.total,compute_mode,clocks.sm,clocks.max.sm,"
+         "temperature.gpu,power.draw")
     r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
                        capture_output=True, text=True, timeout=30, check=False)
     found["nvidia_smi"] = (r.stdout or r.stderr).strip()
@@ -169,8 +170,9 @@ def command(ctx: Ctx, step: str) -> tuple[list[str] | None, dict, str | None]:
     return [py, os.path.join(ROOT, "benchmarks", "accel.py"), "--env-probe", out], {}, None
   if step == "kernel_tests":
     if not _has("pytest"):
-      return None, {}, ("pytest is not installed here: the kernel tests cannot run; the "
-                        "benchmarks' rel_err columns are the only correctness check left")
+      # The test modules import pytest, so there is no lesser way to run them.
+      return None, {}, ("pytest is not installed here: the kernel tests cannot run; "
+                        "quant_matmul's rel_err column is the only kernel check left")
     argv = [py, "-m", "pytest", *ctx.test_paths, "-q", "-p", "no:cacheprovider", "--tb=short",
             "-o", "addopts=", "--continue-on-collection-errors", f"--report-jsonl={out}",
             # jax 0.11 warns at every Triton lowering that the backend is deprecated
@@ -430,6 +432,8 @@ def main(argv=None) -> int:
       if step.name == "env" and result:
         report.update(jax=result.get("jax"), backend=result.get("backend"),
                       device_kind=result.get("device_kind"), python=result.get("python"))
+        if "exclusive" in str(result.get("nvidia_smi", "")).lower():
+          ctx.xdist_workers = 1   # one process per GPU: the test workers could not share it
       report["seconds"] = round(time.monotonic() - start, 1)
       write_report(report_path, report)
       print(f"[accel] {step.name}: {status} in {seconds:.0f} s  {entry['line'][:200]}",
@@ -438,7 +442,8 @@ def main(argv=None) -> int:
   write_report(report_path, report)
   print_table(report)
   print(f"\nwrote {report_path} and {log_path}")
-  bad = [n for n in chosen if report["steps"][n]["status"] not in ("ok", "missing")]
+  bad = [n for n in chosen if report["steps"][n]["status"] != "ok"
+         and (n, report["steps"][n]["status"]) != ("train_step", "missing")]
   return 1 if bad else 0
 
 

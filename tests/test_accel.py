@@ -80,6 +80,16 @@ def test_gpu_run_selects_every_gpu_kernel_test_and_skips_tpu_ones():
   assert not any("pallas_tpu" in i or "race" in i or "test_tpu_" in i for i in ids)
 
 
+def test_compiled_kernels_need_a_device():
+  """GEMKIT_INTERPRET=0 on a CPU is a usage error that says what to use instead."""
+  r = subprocess.run(
+      [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+       "tests/ops/test_config.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+      check=False, env=dict(os.environ, GEMKIT_INTERPRET="0", JAX_PLATFORMS="cpu"))
+  assert r.returncode != 0
+  assert "--kernel-target=gpu" in r.stdout + r.stderr
+
+
 @pytest.mark.slow
 def test_dry_run_goes_through_every_step(tmp_path):
   """``accel.sh --dry-run``: every step ok (about 1 minute on 2 cores for the
