@@ -107,16 +107,8 @@ def _attn_fwd_kernel(*refs, chunk, has_row):
   grow_ref = refs[4] if has_row else None
   st0_ref, o_ref, st_ref, states_ref = refs[4 + has_row:]
 
-  def body(n, st):
-    rows = pl.ds(n * chunk, chunk)
-    states_ref[n] = st
-    o, st = ref.chunk_forward(
-        q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32),
-        v_ref[rows, :].astype(_F32), g_ref[rows, :],
-        grow_ref[n] if has_row else None, st)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
-    return st
-
+  ins = (q_ref, k_ref, v_ref, g_ref, grow_ref)
+  body = lambda n, st: ref.chunk_forward_refs(n, chunk, st, ins, o_ref, states_ref)
   st_ref[...] = jax.lax.fori_loop(0, q_ref.shape[0] // chunk, body, st0_ref[...])
 
 

@@ -248,6 +248,24 @@ def chunk_backward(q, k, v, g, g_row, st, do, dst):
 
 
 
+def chunk_forward_refs(n, chunk: int, st, ins, o_ref, states_ref):
+  """:func:`chunk_forward` of chunk ``n`` (rows ``n*chunk ..``) of a kernel's refs.
+
+  ``ins``: the refs (q, k, v, g [T, .], g_row (indexed by chunk) or None);
+  records the state entering the chunk in ``states_ref[n]``, writes the
+  chunk's output rows of ``o_ref`` and returns the state leaving it (kernel
+  body of both backends).
+  """
+  q, k, v, g, g_row = ins
+  rows = pl.ds(n * chunk, chunk)
+  states_ref[n] = st
+  o, st = chunk_forward(q[rows, :].astype(jnp.float32), k[rows, :].astype(jnp.float32),
+                        v[rows, :].astype(jnp.float32), g[rows, :],
+                        None if g_row is None else g_row[n], st)
+  o_ref[rows, :] = o.astype(o_ref.dtype)
+  return st
+
+
 def chunk_backward_refs(n, chunk: int, dst, ins, outs):
   """:func:`chunk_backward` of chunk ``n`` (rows ``n*chunk ..``) of a kernel's refs.
 

@@ -144,14 +144,9 @@ def _attn_fwd_kernel(*refs, chunk, has_row):
     carry[...] = st0_ref[...]
 
   st = carry[...]
+  ins = (q_ref, k_ref, v_ref, g_ref, grow_ref)
   for i in range(q_ref.shape[0] // chunk):
-    rows = pl.ds(i * chunk, chunk)
-    states_ref[i] = st
-    o, st = ref.chunk_forward(
-        q_ref[rows, :].astype(_F32), k_ref[rows, :].astype(_F32),
-        v_ref[rows, :].astype(_F32), g_ref[rows, :],
-        grow_ref[i] if has_row else None, st)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
+    st = ref.chunk_forward_refs(i, chunk, st, ins, o_ref, states_ref)
   carry[...] = st
 
   @pl.when(step == pl.num_programs(3) - 1)
