@@ -15,6 +15,7 @@ Every argument is lm-eval's own (``lm_eval --help``); this starts
 
 
 def main() -> None:
+  # Imports in order: jax.distributed must start before anything touches a backend.
   from gemkit import sharding  # pylint: disable=g-import-not-at-top
   sharding.initialize_distributed()
   import gemkit.lm_harness  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
