@@ -424,11 +424,16 @@ def main(argv=None) -> int:
       print(f"[accel] {step.name}: {' '.join(argv_[1:])} (limit {limit:.0f} s)", flush=True)
       log.write(f"\n===== {step.name}: {' '.join(argv_)}\n")
       log.flush()
+      begin = log.tell()
       rc, timed_out, seconds = run_step(argv_, step_env, log, limit)
       log.flush()
       status, result = summarize(ctx, step.name, rc, timed_out)
       entry.update(status=status, exit_code=rc, seconds=round(seconds, 1), result=result,
                    line=_one_line(step.name, status, result))
+      if status != "ok":   # what it printed last (a benchmark cut short printed its rows)
+        with open(log_path, errors="replace") as f:
+          f.seek(begin)
+          entry["log_tail"] = f.read().splitlines()[-60:]
       if step.name == "env" and result:
         report.update(jax=result.get("jax"), backend=result.get("backend"),
                       device_kind=result.get("device_kind"), python=result.get("python"))

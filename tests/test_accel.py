@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -78,6 +79,29 @@ def test_gpu_run_selects_every_gpu_kernel_test_and_skips_tpu_ones():
                "test_quantized_matmul_ragged[", "test_attention_gpu_kernel_head_dim_128"):
     assert any(name in i for i in ids), name
   assert not any("pallas_tpu" in i or "race" in i or "test_tpu_" in i for i in ids)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split()[2] != "Z"   # a killed child may linger as a zombie
+  except (ProcessLookupError, FileNotFoundError):
+    return False
+
+
+def test_a_step_past_its_limit_is_stopped_with_its_children(tmp_path):
+  pid_file = tmp_path / "child"
+  with open(tmp_path / "log", "w+") as log:
+    rc, timed_out, seconds = accel.run_step(
+        ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], dict(os.environ), log,
+        timeout_s=2)
+  assert timed_out and rc is not None and seconds < 20
+  child = int(pid_file.read_text())
+  deadline = time.monotonic() + 5
+  while _alive(child) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not _alive(child)
 
 
 def test_compiled_kernels_need_a_device():
