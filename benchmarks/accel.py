@@ -361,8 +361,9 @@ def main(argv=None) -> int:
   p.add_argument("--tests", default=None,
                  help="test paths for kernel_tests (default tests/ops; --dry-run: "
                       "tests/ops/test_scan.py)")
-  p.add_argument("--workers", type=int, default=4,
-                 help="pytest-xdist workers for kernel_tests on the device (1: none)")
+  p.add_argument("--workers", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+                 help="pytest-xdist workers for kernel_tests on the device, compiling in "
+                      "parallel (default: half the CPUs, at most 8; 1: none)")
   p.add_argument("--env-probe", default=None, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.env_probe:
