@@ -253,7 +253,11 @@ def _summarize_tests(path: str, rc, timed_out) -> tuple[str, dict]:
   records = []
   if os.path.exists(path):
     with open(path) as f:
-      records = [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except ValueError:   # the last line of a run stopped while writing it
+          pass
   counts: dict[str, int] = {}
   for r in records:
     key = "error" if r["when"] != "call" and r["outcome"] == "failed" else r["outcome"]
@@ -288,16 +292,15 @@ def run_step(argv, env, log, timeout_s: float) -> tuple[int | None, bool, float]
     rc = proc.wait(timeout=max(timeout_s, 1))
     return rc, False, time.monotonic() - start
   except subprocess.TimeoutExpired:
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):   # the step and everything it started
       try:
-        os.killpg(proc.pid, sig)   # the step and everything it started
+        os.killpg(proc.pid, sig)
       except ProcessLookupError:
         break
       try:
-        proc.wait(timeout=grace)
-        break
+        proc.wait(timeout=10)
       except subprocess.TimeoutExpired:
-        continue
+        pass
     return proc.returncode, True, time.monotonic() - start
 
 
