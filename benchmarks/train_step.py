@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import platform
@@ -168,7 +169,7 @@ class _OneBatch:
 
   def train_dataset(self, batch_size, seed, process_index, process_count):
     del batch_size, seed, process_index, process_count
-    return [self.batch] * (1 << 20)
+    return itertools.repeat(self.batch)
 
   def eval_batches(self, batch_size, max_rows):
     del batch_size, max_rows
@@ -495,7 +496,9 @@ def main(argv=None) -> None:
   args.dtype = args.dtype or _default_dtype()
   shapes = {n: table[n] for n in names}
   load_before = os.getloadavg()
-  runs = []
+  out = args.out or (os.path.join(tempfile.gettempdir(), "train_step_dry_run.json")
+                     if args.dry_run else None)
+  runs, path = [], None
   for repeat in range(args.repeats):
     for name, shape in shapes.items():
       for impl in IMPLS[shape["kind"]]:
@@ -506,24 +509,29 @@ def main(argv=None) -> None:
         print(f"  {name} {impl}: " + (f"{r['tokens_per_sec']:,.0f} tok/s" if "step_ms" in r
                                        else str(r.get("skipped") or r.get("error"))),
               flush=True)
-  rows = best_runs(runs)
-  machine = next((r["machine"] for r in rows if "machine" in r), platform.machine())
+        path = write_result(args, shapes, runs, load_before, out)   # a killed run keeps these
+  machine = next((r["machine"] for r in runs if "machine" in r), platform.machine())
   print(f"# {machine}, {args.dtype}, median of {args.steps} steps after "
         f"1 + {args.warmup}, best of {args.repeats} runs; load average "
         f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after")
-  print_table(rows, shapes)
+  print_table(best_runs(runs), shapes)
+  print(f"wrote {path}")
+
+
+def write_result(args, shapes: dict, runs: list[dict], load_before, out: str | None) -> str:
+  """Writes the JSON of the runs so far to ``out`` (default: by the children's machine)."""
+  machine = next((r["machine"] for r in runs if "machine" in r), platform.machine())
+  out = out or os.path.join(ROOT, "benchmarks", "results", f"train_step_{machine}.json")
   result = {"command": " ".join(sys.argv), "machine": machine, "dtype": args.dtype,
-            "steps": args.steps, "warmup": args.warmup, "dry_run": args.dry_run,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
-            "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "repeats": args.repeats, "shapes": shapes, "rows": rows, "runs": runs}
-  out = args.out or (os.path.join(tempfile.gettempdir(), "train_step_dry_run.json")
-                     if args.dry_run else
-                     os.path.join(ROOT, "benchmarks", "results", f"train_step_{machine}.json"))
+            "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+            "dry_run": args.dry_run, "loadavg_before": load_before,
+            "loadavg_now": os.getloadavg(), "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "shapes": shapes,
+            "rows": best_runs(runs), "runs": runs}
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, "w") as f:
     json.dump(result, f, indent=1, default=str)
-  print(f"wrote {out}")
+  return out
 
 
 if __name__ == "__main__":

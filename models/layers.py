@@ -409,5 +409,32 @@ class GatedMLP(nnx.Module):
     self.down_proj = Dense(hidden, d_model, names=("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.activation(self.gate_proj(x)) * self.up_proj(x)
+    gate, up = fused_dense(x, self.gate_proj, self.up_proj)
+    h = self.activation(gate) * up
     return self.down_proj(constrain(h, ("batch", "seq", "mlp")))
+
+
+def fused_dense(x: jax.Array, *denses) -> tuple[jax.Array, ...]:
+  """``tuple(d(x) for d in denses)`` as one matmul when all are float :class:`Dense`
+  layers of one dtype: kernels of one shape stacked [in, n, out] (a device's block
+  of ``out`` holds its columns of every one, so sharded outputs stay in place),
+  kernels of different widths concatenated [in, sum out] when no mesh axis splits
+  their outputs; one matmul each otherwise (quantized or adapted layers). One wide
+  matmul reads x once and gives one weight gradient instead of n narrow ones."""
+  if not all(type(d) is Dense and not d.is_quantized and d.dtype == denses[0].dtype
+             for d in denses):
+    return tuple(d(x) for d in denses)
+  dtype = denses[0].dtype
+  x = x.astype(dtype)
+  kernels = [d.kernel[...].astype(dtype) for d in denses]
+  if len({k.shape for k in kernels}) == 1:
+    y = jnp.einsum("...i,ikj->...kj", x, jnp.stack(kernels, axis=1))
+    ys = [part[..., 0, :] for part in jnp.split(y, len(denses), axis=-2)]  # grad: a concat
+  elif all(mesh_shards(d.kernel.get_metadata().get("out_sharding", (None, None))[1]) == 1
+           for d in denses):
+    y = jnp.dot(x, jnp.concatenate(kernels, axis=1))
+    ys = jnp.split(y, np.cumsum([k.shape[1] for k in kernels])[:-1].tolist(), axis=-1)
+  else:
+    return tuple(d(x) for d in denses)
+  return tuple(y if d.bias is None else y + d.bias[...].astype(dtype)
+               for y, d in zip(ys, denses))

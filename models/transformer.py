@@ -343,9 +343,10 @@ class Attention(nnx.Module):
   def _qkv(self, x: jax.Array, positions: jax.Array):
     B, T, _ = x.shape
     cfg = self.cfg
-    q = self.q_proj(x).reshape(B, T, cfg.num_heads, cfg.head_dim)
-    k = self.k_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    v = self.v_proj(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = layers.fused_dense(x, self.q_proj, self.k_proj, self.v_proj)
+    q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     inv_freq = cfg.inv_freq()     # numpy, at trace time: not a model variable

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import models
+from models import layers
 from gemkit import optim, train
 from gemkit.surgery import lora
 from tests.helpers import tiny_config
@@ -142,6 +143,25 @@ def test_nonfinite_step_is_skipped_inside_the_step(tmp_path):
   assert not np.array_equal(jax.device_get(t.state.params["embed"]["embedding"]),
                             before[0]["embed"]["embedding"])
   t.close()
+
+
+def test_fused_projections_equal_the_layers_own():
+  """The train step's one-matmul q/k/v and gate/up projections (layers.fused_dense):
+  kernels of one shape stacked, of different widths concatenated, a quantized one
+  alone; outputs and kernel gradients as the layers' own."""
+  rngs = nnx.Rngs(0)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  same = [layers.Dense(16, 8, rngs=rngs, use_bias=True) for _ in range(2)]
+  widths = [layers.Dense(16, n, rngs=rngs) for n in (8, 4, 4)]
+  quantized = layers.Dense(16, 8, rngs=rngs)
+  quantized.quantize("int8")
+  for group in (same, widths, [same[0], quantized]):
+    for got, want in zip(layers.fused_dense(x, *group), [d(x) for d in group]):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for group in (same, widths):
+    grads = [nnx.grad(lambda ds, f=f: sum(jnp.sum(jnp.sin(y)) for y in f(ds)))(nnx.List(group))
+             for f in (lambda ds: layers.fused_dense(x, *ds), lambda ds: [d(x) for d in ds])]
+    chex.assert_trees_all_close(*map(nnx.to_pure_dict, grads), rtol=1e-5, atol=1e-6)
 
 
 def test_compilation_cache_path(tmp_path, monkeypatch):
