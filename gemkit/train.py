@@ -54,6 +54,7 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 
 import models
 from gemkit import checkpoint as ckpt_lib
@@ -248,8 +249,6 @@ def enable_compilation_cache(setting: str, workdir: str | os.PathLike) -> pathli
   init steps; not the many tiny ones), whatever its size. Returns the
   directory, or None when off.
   """
-  # pylint: disable-next=g-import-not-at-top
-  from jax.experimental.compilation_cache import compilation_cache
   path = compilation_cache_path(setting, workdir)
   if path is None:
     return None

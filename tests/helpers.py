@@ -63,6 +63,7 @@ TINY = {
     "train.batch_size": 8, "train.steps": 8, "train.warmup_steps": 2,
     "train.log_every": 2, "train.eval_every": 1000, "train.checkpoint_every": 4,
     "train.async_checkpoint": False, "train.sample_tokens": 8,
+    "train.compilation_cache_dir": "",      # tests leave the user's cache alone
 }
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import pathlib
 import time
 from typing import Any, Callable
 
@@ -143,8 +144,11 @@ def train_cell(config: ml_collections.ConfigDict, modulus: int, mixer: str,
 
 
 def run(config: ml_collections.ConfigDict, log: Callable[[str], Any] = print) -> list[dict]:
-  """Every modulus x mixer x eigenvalue range of the config."""
+  """Every modulus x mixer x eigenvalue range of the config (compiled programs cached as
+  ``train.compilation_cache_dir`` says; a relative path lies under ``runs/<name>``)."""
   validate(config)
+  train_lib.enable_compilation_cache(config.train.get("compilation_cache_dir", ""),
+                                     pathlib.Path("runs") / config.name)
   return [train_cell(config, k, mixer, rng, log)
           for k in config.task.moduli for mixer, rng in cells(config)]
 
