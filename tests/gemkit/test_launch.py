@@ -38,7 +38,7 @@ def corpus(tmp_path_factory):
     ("--config.trian.steps=3", "config error: trian.steps: unknown config key"),
     ("--config.train.steps=abc", "--config.train.steps=abc: invalid literal for int()"),
     ("--config.model.num_kv_heads=3",
-     "config error: model.num_kv_heads: must divide num_heads=4, got 3"),
+     "config error: model.num_kv_heads: must divide num_heads=2, got 3"),
     ("--config.data.source=text", "config error: data.path: data.source='text' needs a path"),
     ("--config=experiments/nope.py", "config error: config: no config file at"),
 ])
