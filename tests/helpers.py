@@ -64,6 +64,7 @@ TINY = {
     "train.log_every": 2, "train.eval_every": 1000, "train.checkpoint_every": 4,
     "train.async_checkpoint": False, "train.sample_tokens": 8,
     "train.compilation_cache_dir": "",      # tests leave the user's cache alone
+    "train.min_lr_ratio": 0.1,   # steps past the schedule still update (lm_tiny decays to 0)
 }
 
 
