@@ -28,6 +28,7 @@ passed through ``jax.jit``.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable
 
@@ -58,7 +59,7 @@ class BlockGrid:
   block_kv: int
 
 
-class Mask:
+class Mask(abc.ABC):
   """Base class. Subclasses define ``element`` and ``block_kinds``."""
 
   def __and__(self, other: "Mask") -> "Mask":
@@ -67,19 +68,20 @@ class Mask:
   def __or__(self, other: "Mask") -> "Mask":
     return OrMask(self, check_mask(other))
 
+  @abc.abstractmethod
   def element(self, i, j, head, num_heads: int, lookup: Lookup):
     """Bool array, the broadcast of ``i``, ``j`` (and ``head``): allowed pairs."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def block_kinds(self, grid: BlockGrid, xp):
     """int8 kinds broadcastable to [H, nq, nk] (``xp`` is numpy or jnp)."""
-    raise NotImplementedError
 
   def head_dependent(self) -> bool:
     return False
 
   def validate(self, seq_q: int, seq_kv: int, num_heads: int) -> None:
-    """ValueError if the mask cannot apply to these sizes."""
+    """ValueError if the mask cannot apply to these sizes (the default: any sizes apply)."""
+    del seq_q, seq_kv, num_heads
 
   def dense(self, seq_q: int, seq_kv: int, num_heads: int = 1) -> np.ndarray:
     """The equivalent dense bool mask, [num_heads, seq_q, seq_kv] (NumPy)."""
