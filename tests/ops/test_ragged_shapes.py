@@ -108,6 +108,18 @@ def _loss(f):
   return lambda *a: jnp.sum(f(*a)[0] ** 2) + jnp.sum(f(*a)[1])
 
 
+def _check_chunked(f, args, want_o, want_s, want, grad_names):
+  """f(*args) = (o, state) against float64 (o, state) and, unless want is None, the
+  gradients of the first four args (named grad_names) against ``want``."""
+  o, s = f(*args)
+  assert_rel_close(o, want_o, TOL, "o")
+  assert_rel_close(s, want_s, TOL, "state")
+  if want is not None:
+    got = jax.grad(_loss(f), argnums=(0, 1, 2, 3))(*args)
+    for name, x, y in zip(grad_names, got, want):
+      assert_rel_close(x, y, TOL, "d" + name)
+
+
 @functools.lru_cache(maxsize=None)
 def _attn_case(shape):
   """Inputs and float64 (o, state, grads) of one shape, shared by the impls."""
@@ -125,13 +137,7 @@ def test_chunked_linear_attention_ragged(shape, impl):
   args, (want_o, want_s), want = _attn_case(shape)
   f = lambda q, k, v, g, s0: scan.chunked_linear_attention(
       q, k, v, g, initial_state=s0, impl=impl)
-  o, s = f(*args)
-  assert_rel_close(o, want_o, TOL, "o")
-  assert_rel_close(s, want_s, TOL, "state")
-  if want is not None:
-    got = jax.grad(_loss(f), argnums=(0, 1, 2, 3))(*args)
-    for name, x, y in zip("qkvg", got, want):
-      assert_rel_close(x, y, TOL, "d" + name)
+  _check_chunked(f, args, want_o, want_s, want, ("q", "k", "v", "g"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -151,13 +157,7 @@ def _delta_case(shape):
 def test_delta_rule_ragged(shape, impl):
   args, (want_o, want_s), want = _delta_case(shape)
   f = lambda q, k, v, beta, g, s0: scan.delta_rule(q, k, v, beta, g, initial_state=s0, impl=impl)
-  o, s = f(*args)
-  assert_rel_close(o, want_o, TOL, "o")
-  assert_rel_close(s, want_s, TOL, "state")
-  if want is not None:
-    got = jax.grad(_loss(f), argnums=(0, 1, 2, 3))(*args)
-    for name, x, y in zip(("q", "k", "v", "beta"), got, want):
-      assert_rel_close(x, y, TOL, "d" + name)
+  _check_chunked(f, args, want_o, want_s, want, ("q", "k", "v", "beta"))
 
 
 # -------------------------------------------------------------- attention
